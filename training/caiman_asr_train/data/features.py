@@ -118,9 +118,9 @@ class FilterbankFeatures(nn.Module):
     window of ``win`` samples; power of the ``n_fft``-point rFFT; Slaney mel
     filterbank; ``ln(max(x, 1e-20))``.
 
-    The Hann window is ``torch.hann_window(win)`` with its default
-    ``periodic=True`` (``0.5 - 0.5 cos(2 pi n / win)``, as
-    ``scipy.signal.get_window('hann', win)``). The windowed frame is zero-padded
+    The Hann window is symmetric, ``torch.hann_window(win, periodic=False)``
+    (``0.5 - 0.5 cos(2 pi n / (win - 1))``), as in the NVIDIA/CAIMAN-ASR feature
+    code that the inference server mirrors. The windowed frame is zero-padded
     to ``n_fft``; torch.stft centres the window in the ``n_fft`` buffer instead of
     padding at the end, which only multiplies each bin by a phase and so leaves the
     power spectrum unchanged.
@@ -185,7 +185,7 @@ class FilterbankFeatures(nn.Module):
             )
         # Derived from the config, so not part of any state_dict.
         self.register_buffer(
-            "window", torch.hann_window(self.win_length, dtype=torch.float64), persistent=False
+            "window", torch.hann_window(self.win_length, periodic=False, dtype=torch.float64), persistent=False
         )
         self.register_buffer(
             "fbanks",
