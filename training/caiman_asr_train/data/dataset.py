@@ -1,0 +1,200 @@
+"""Manifest entries -> (waveform, normalised transcript, token ids), and batches of them.
+
+``AudioDataset`` reads one utterance per item (SPEC section 11 manifests);
+``collate`` pads a list of items into a ``Batch``. Features are not computed
+here: ``data.features.FeaturePipeline`` turns a batch's waveforms into encoder
+input on the training or validation device, where it is cheap.
+
+Transcripts are normalised as the YAML's ``audio_dataset`` block asks
+(``evaluate.normalizers.normalize_transcript``), so the tokens a model learns,
+the references it is scored against and the text SentencePiece was trained on
+(``spm_from_json``) are the same text.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+
+from caiman_asr_train.data.audio import load_audio
+from caiman_asr_train.data.features import SpeedPerturbation
+from caiman_asr_train.data.manifest import audio_path
+from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.evaluate.normalizers import Replacements, normalize_transcript
+
+PathLike = Union[str, os.PathLike]
+
+
+class AudioDataset(Dataset):
+    """Utterances of manifest entries, each read from the entry's first audio file.
+
+    Args:
+        entries: manifest entries (``data.manifest.read_manifests``).
+        dataset_dir: directory the entries' ``fname`` values are relative to.
+        sample_rate: Hz; audio stored at another rate is resampled.
+        tokenizer: gives ``tokens``; None leaves them empty (validation only
+            needs the text).
+        normalize_transcripts, labels, replacements, remove_tags: the
+            ``audio_dataset`` settings and the tokenizer's ``labels``, passed to
+            ``normalize_transcript``.
+        speed_perturbation: training only; the config's ``speed_perturbation``
+            block (``min_rate``, ``max_rate``, ``p``) or a ``SpeedPerturbation``.
+        sample_tokens: subword sampling in ``tokenizer.tokenize`` (training only).
+        seed: seeds the speed-perturbation draws in the main process.
+            DataLoader workers draw from their own seed (``worker_info.seed``,
+            different per worker and per epoch), so workers never repeat each
+            other's perturbations.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[dict],
+        dataset_dir: PathLike,
+        sample_rate: int,
+        tokenizer: Optional[Tokenizer] = None,
+        normalize_transcripts: str = "lowercase",
+        labels: Optional[Sequence[str]] = None,
+        replacements: Replacements = None,
+        remove_tags: bool = True,
+        speed_perturbation: Union[dict, SpeedPerturbation, None] = None,
+        sample_tokens: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        self.entries = list(entries)
+        self.dataset_dir = dataset_dir
+        self.sample_rate = int(sample_rate)
+        self.tokenizer = tokenizer
+        self.sample_tokens = sample_tokens
+        if isinstance(speed_perturbation, dict):
+            speed_perturbation = SpeedPerturbation(**speed_perturbation)
+        self.speed_perturbation = speed_perturbation
+        self._seed = seed
+        self._rng: Optional[np.random.Generator] = None
+        self._rng_owner: Optional[int] = None
+        # Normalised once: the text never changes between epochs, and a bad
+        # replacements or normalize_transcripts setting fails at construction.
+        self.transcripts = [
+            normalize_transcript(
+                entry["transcript"],
+                normalize_transcripts,
+                labels=labels,
+                replacements=replacements,
+                remove_tags=remove_tags,
+            )
+            for entry in self.entries
+        ]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def durations(self) -> list[float]:
+        """Seconds per utterance from the manifest (no audio is read), for bucketing."""
+        return [float(entry["files"][0]["duration"]) for entry in self.entries]
+
+    def _perturbation_rng(self) -> np.random.Generator:
+        worker = get_worker_info()
+        owner = None if worker is None else worker.seed
+        if self._rng is None or owner != self._rng_owner:
+            self._rng = np.random.default_rng(self._seed if owner is None else owner)
+            self._rng_owner = owner
+        return self._rng
+
+    def __getitem__(self, index: int) -> dict:
+        """One utterance.
+
+        Returns:
+            ``{"audio": float32 [N] mono waveform at sample_rate (speed-perturbed
+            when configured), "transcript": normalised text, "tokens": list of
+            token ids (empty without a tokenizer), "fname": the manifest's fname,
+            "duration": N / sample_rate seconds}``.
+
+        Raises:
+            DataError: the audio file is missing or unreadable.
+            TokenizerError: the transcript has characters the tokenizer maps to
+                ``<unk>`` (and its policy is "fail").
+        """
+        entry = self.entries[index]
+        audio = load_audio(audio_path(entry, self.dataset_dir), self.sample_rate)
+        if self.speed_perturbation is not None:
+            audio = self.speed_perturbation(audio, self._perturbation_rng())
+        transcript = self.transcripts[index]
+        tokens = self.tokenizer.tokenize(transcript, sample=self.sample_tokens) if self.tokenizer else []
+        return {
+            "audio": audio,
+            "transcript": transcript,
+            "tokens": tokens,
+            "fname": entry["files"][0]["fname"],
+            "duration": audio.shape[0] / self.sample_rate,
+        }
+
+
+@dataclass
+class Batch:
+    """A padded batch of utterances (B of them).
+
+    Attributes:
+        audio: float32 [B, N] waveforms, zero past each length.
+        audio_lens: int64 [B], samples per utterance.
+        tokens: int64 [B, U] token ids, padded with 0 past each length.
+        token_lens: int64 [B], tokens per utterance.
+        transcripts: normalised reference texts.
+        fnames: audio file names as in the manifest.
+    """
+
+    audio: Tensor
+    audio_lens: Tensor
+    tokens: Tensor
+    token_lens: Tensor
+    transcripts: list[str]
+    fnames: list[str]
+
+    def __len__(self) -> int:
+        return len(self.fnames)
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "Batch":
+        """A copy with the tensors on ``device``."""
+        return Batch(
+            audio=self.audio.to(device, non_blocking=non_blocking),
+            audio_lens=self.audio_lens.to(device, non_blocking=non_blocking),
+            tokens=self.tokens.to(device, non_blocking=non_blocking),
+            token_lens=self.token_lens.to(device, non_blocking=non_blocking),
+            transcripts=self.transcripts,
+            fnames=self.fnames,
+        )
+
+    def pin_memory(self) -> "Batch":
+        """Pinned copy; ``DataLoader(pin_memory=True)`` calls this."""
+        return Batch(
+            audio=self.audio.pin_memory(),
+            audio_lens=self.audio_lens.pin_memory(),
+            tokens=self.tokens.pin_memory(),
+            token_lens=self.token_lens.pin_memory(),
+            transcripts=self.transcripts,
+            fnames=self.fnames,
+        )
+
+
+def collate(items: Sequence[dict]) -> Batch:
+    """Pad ``AudioDataset`` items into a ``Batch`` (audio with 0.0, tokens with id 0)."""
+    if not items:
+        raise ValueError("collate: empty list of items")
+    audio_lens = torch.tensor([item["audio"].shape[0] for item in items], dtype=torch.int64)
+    token_lens = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.int64)
+    audio = torch.zeros(len(items), int(audio_lens.max()), dtype=torch.float32)
+    tokens = torch.zeros(len(items), int(token_lens.max()), dtype=torch.int64)
+    for b, item in enumerate(items):
+        audio[b, : audio_lens[b]] = torch.from_numpy(np.asarray(item["audio"], dtype=np.float32))
+        tokens[b, : token_lens[b]] = torch.as_tensor(item["tokens"], dtype=torch.int64)
+    return Batch(
+        audio=audio,
+        audio_lens=audio_lens,
+        tokens=tokens,
+        token_lens=token_lens,
+        transcripts=[item["transcript"] for item in items],
+        fnames=[item["fname"] for item in items],
+    )
