@@ -135,8 +135,8 @@ def test_each_frame_emits_up_to_the_symbol_cap_over_the_padded_length(corpus, to
 
 def test_predictions_repeat_with_the_same_generator(corpus, tokenizer, pipeline):
     model = tiny_model(tokenizer, seed=3)
-    one = run(model, corpus, tokenizer, pipeline, batch_size=1)
-    again = run(model, corpus, tokenizer, pipeline, batch_size=1)
+    one = run(model, corpus, tokenizer, pipeline, batch_size=1, max_symbols_per_step=2)
+    again = run(model, corpus, tokenizer, pipeline, batch_size=1, max_symbols_per_step=2)
     assert one == again
     assert any(p["hyp"] for p in one.predictions), "an untrained random model should emit something"
 
@@ -157,13 +157,13 @@ def test_predictions_do_not_depend_on_batching(corpus, tokenizer, pipeline):
 
 def test_modes_are_restored_and_dropout_is_off_during_evaluation(corpus, tokenizer, pipeline):
     model = tiny_model(tokenizer, seed=3)
-    reference = run(model, corpus, tokenizer, pipeline)
+    reference = run(model, corpus, tokenizer, pipeline, max_symbols_per_step=2)
     noisy = RNNT(ConfigRNNT(**{**vars(model.config), "joint_dropout": 0.9}))
     noisy.load_state_dict(model.state_dict())
     noisy.train()
     pipeline.train()
     try:
-        assert run(noisy, corpus, tokenizer, pipeline) == reference
+        assert run(noisy, corpus, tokenizer, pipeline, max_symbols_per_step=2) == reference
         assert noisy.training and pipeline.training
     finally:
         pipeline.eval()

@@ -1,0 +1,393 @@
+"""Validate a checkpoint: greedy decoding and word error rate on manifests (SPEC section 10).
+
+``--ckpt`` is one of:
+
+- a training checkpoint (``*.pt`` from train.py): its EMA weights are
+  validated with the model, features, mel statistics and tokenizer of
+  ``--model_config`` (default: the demo config);
+- a hardware checkpoint (``*.hw.pt``, recognised by its content): weights,
+  feature settings, mel statistics and tokenizer all come from the file, and
+  ``--model_config`` is not read;
+- a directory: every ``*.pt`` file in it is validated (training and hardware
+  checkpoints alike) and a table of file, step and WER is printed.
+
+Per checkpoint, the predictions (``[{"hyp", "ref", "fname"}, ...]``) are
+written to ``<output_dir>/<checkpoint name without .pt>.predictions.json``.
+The last line printed for a single checkpoint is::
+
+    Word Error Rate: 12.345% on "datasets/demo/dev.json"
+
+with the manifests as given on the command line, joined by spaces. Example,
+from the repository root::
+
+    python training/caiman_asr_train/val.py --ckpt results/RNN-T_best_checkpoint.hw.pt
+"""
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from caiman_asr_train.core.errors import CheckpointError, ConfigError, UserError
+from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
+from caiman_asr_train.core.model import RNNT as CoreRNNT
+from caiman_asr_train.data.dataset import AudioDataset, collate
+from caiman_asr_train.data.features import FeaturePipeline, load_mel_stats
+from caiman_asr_train.data.manifest import read_manifests
+from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.evaluate.evaluator import EvalResult, evaluate
+from caiman_asr_train.rnnt import config
+from caiman_asr_train.rnnt.model import RNNT
+from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.cli import run_cli
+
+# training/caiman_asr_train/val.py -> the repository root
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_CONFIG = "training/configs/demo.yaml"
+DEFAULT_VAL_MANIFEST = "datasets/demo/dev.json"
+DEFAULT_OUTPUT_DIR = "results/val"
+
+
+@dataclass
+class Validatable:
+    """Everything needed to validate one checkpoint.
+
+    ``text`` holds the ``normalize_transcript`` settings for the references
+    (``normalize_transcripts``, ``labels``, ``replacements``, ``remove_tags``)
+    and ``scoring`` the ``word_error_rate`` settings (``standardize``,
+    ``error_rate``).
+    """
+
+    model: CoreRNNT
+    pipeline: FeaturePipeline
+    tokenizer: Tokenizer
+    sample_rate: int
+    step: Optional[int]
+    kind: str
+    text: dict
+    scoring: dict
+
+
+def is_hardware_checkpoint(ckpt: dict) -> bool:
+    """True for a hardware checkpoint's dict (it carries its inference config and tokenizer)."""
+    return "rnnt_config" in ckpt or "sentpiece_model" in ckpt
+
+
+def load_training_checkpoint(
+    path: Path, ckpt: dict, model_config: Path, device: torch.device
+) -> Validatable:
+    """The EMA model of training checkpoint ``ckpt`` (read from ``path``) with ``model_config``'s
+    features, statistics and tokenizer."""
+    if "ema_state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path}: no 'ema_state_dict'; pass a checkpoint written by train.py, "
+            "or a hardware checkpoint (*.hw.pt)"
+        )
+    cfg = config.load(model_config)
+    val_input = config.input(cfg, "val")
+    tokenizer_cfg = config.tokenizer(cfg)
+    tokenizer = Tokenizer(tokenizer_cfg["sentpiece_model"])
+    features = val_input["filterbank_features"]
+    if not features.get("stats_path"):
+        raise ConfigError(
+            f"{model_config}: input_val.filterbank_features.stats_path is not set; "
+            "point it at the directory written by generate_mel_stats"
+        )
+    melmeans, melvars, _ = load_mel_stats(features["stats_path"], features["n_filt"])
+    model = RNNT(tokenizer.num_labels + 1, **config.rnnt(cfg))
+    _load_weights(model, ckpt["ema_state_dict"], path, model_config)
+    audio = val_input["audio_dataset"]
+    return Validatable(
+        model=model.to(device).eval(),
+        pipeline=FeaturePipeline(features, val_input["frame_splicing"], melmeans, melvars),
+        tokenizer=tokenizer,
+        sample_rate=int(audio["sample_rate"]),
+        step=ckpt.get("step"),
+        kind="training",
+        text={
+            "normalize_transcripts": audio.get("normalize_transcripts", "lowercase"),
+            "labels": tokenizer_cfg["labels"],
+            "replacements": audio.get("replacements"),
+            "remove_tags": audio.get("remove_tags", True),
+        },
+        scoring={
+            "standardize": bool(audio.get("standardize_wer", True)),
+            "error_rate": audio.get("error_rate", "word"),
+        },
+    )
+
+
+def _load_weights(model: torch.nn.Module, state_dict: dict, path: Path, model_config: Path) -> None:
+    """Strict load with a one-line message saying which keys or shapes disagree."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if mismatched:
+        problems.append(f"shape (checkpoint vs config) {', '.join(mismatched[:3])}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: ema_state_dict does not fit the model of {model_config} ({'; '.join(problems)}); "
+            "pass the --model_config (and SentencePiece model) the checkpoint was trained with"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_hardware_checkpoint(path: Path, device: torch.device) -> Validatable:
+    """A hardware checkpoint with everything taken from the file itself."""
+    hw = load_hw_checkpoint(path, device=str(device))
+    data = hw.data_config
+    features = data["filterbank_features"]
+    return Validatable(
+        model=hw.model,
+        pipeline=FeaturePipeline(features, data["frame_splicing"], data["melmeans"], data["melvars"]),
+        tokenizer=Tokenizer(hw.sentpiece_model_binary),
+        sample_rate=int(features["sample_rate"]),
+        step=hw.step,
+        kind="hardware",
+        # The file keeps no audio_dataset block: the settings of every shipped config.
+        text={"normalize_transcripts": "lowercase", "labels": data["labels"], "replacements": None, "remove_tags": True},
+        scoring={"standardize": True, "error_rate": "word"},
+    )
+
+
+def load_for_validation(path: Path, model_config: Path, device: torch.device) -> Validatable:
+    """Read ``path`` and dispatch on its content: hardware or training checkpoint."""
+    # mmap: deciding the kind touches no tensor, so a big training checkpoint costs little here.
+    ckpt = read_checkpoint(path)
+    if is_hardware_checkpoint(ckpt):
+        del ckpt
+        return load_hardware_checkpoint(path, device)
+    return load_training_checkpoint(path, ckpt, model_config, device)
+
+
+def validate(
+    target: Validatable,
+    entries: list[dict],
+    dataset_dir: Path,
+    *,
+    batch_size: int,
+    final_padding_secs: float,
+    max_symbols_per_step: int,
+    seed: int,
+    device: torch.device,
+) -> EvalResult:
+    """Decode ``entries`` with ``target`` and score them."""
+    dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    # Seeded per checkpoint: every checkpoint sees the same dither noise.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return evaluate(
+        target.model,
+        loader,
+        target.pipeline,
+        target.tokenizer,
+        sample_rate=target.sample_rate,
+        final_padding_secs=final_padding_secs,
+        max_symbols_per_step=max_symbols_per_step,
+        device=device,
+        generator=generator,
+        **target.scoring,
+    )
+
+
+def predictions_path(output_dir: Path, ckpt: Path) -> Path:
+    """``<output_dir>/<ckpt name without .pt>.predictions.json``."""
+    name = ckpt.name[: -len(".pt")] if ckpt.name.endswith(".pt") else ckpt.name
+    return output_dir / f"{name}.predictions.json"
+
+
+def write_predictions(predictions: list[dict], path: Path) -> None:
+    """The ``[{"hyp", "ref", "fname"}, ...]`` list as JSON, atomically."""
+    text = json.dumps(predictions, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def format_wer(rate: float) -> str:
+    """A fraction as a percentage with three decimals: 0.12345 -> "12.345%"."""
+    return f"{rate * 100:.3f}%"
+
+
+def _natural_key(path: Path) -> list:
+    # step9 before step10
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def checkpoints_in(directory: Path) -> list[Path]:
+    """Every ``*.pt`` file of ``directory`` (not recursive), in natural name order."""
+    files = sorted((p for p in directory.iterdir() if p.is_file() and p.suffix == ".pt"), key=_natural_key)
+    if not files:
+        raise CheckpointError(f"{directory}: no *.pt checkpoints in this directory; pass a file or another directory")
+    return files
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Greedy-decode manifests with a training checkpoint, a hardware checkpoint "
+        "or every checkpoint in a directory, and report the word error rate.",
+    )
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        help="training checkpoint (*.pt: EMA weights, needs --model_config), hardware checkpoint "
+        "(*.hw.pt: self-contained) or a directory of them",
+    )
+    parser.add_argument(
+        "--model_config",
+        type=Path,
+        default=None,
+        help=f"YAML config of a training checkpoint (default: {DEFAULT_MODEL_CONFIG} in the "
+        "repository); not read for hardware checkpoints",
+    )
+    parser.add_argument(
+        "--val_manifests",
+        nargs="+",
+        default=None,
+        help=f"manifest(s) to validate on, relative to --dataset_dir or the current directory "
+        f"(default: {DEFAULT_VAL_MANIFEST} in the repository)",
+    )
+    parser.add_argument(
+        "--dataset_dir",
+        type=Path,
+        default=None,
+        help="directory the manifests' audio fnames are relative to (default: the first manifest's directory)",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help=f"where <checkpoint>.predictions.json files go (default: {DEFAULT_OUTPUT_DIR} in the repository)",
+    )
+    parser.add_argument("--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--val_final_padding_secs",
+        type=float,
+        default=0.24,
+        help="seconds of silence appended to each utterance, as the inference server does (default: 0.24)",
+    )
+    parser.add_argument(
+        "--max_symbol_per_sample",
+        type=int,
+        default=8,
+        help="greedy decoding emits at most this many symbols per encoder frame (default: 8)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the dither noise (default: 1)")
+    parser.add_argument(
+        "--num_utterances",
+        type=int,
+        default=None,
+        help="validate only the first N utterances of the manifests (default: all)",
+    )
+    return parser.parse_args(argv)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, minimum in (("val_batch_size", 1), ("max_symbol_per_sample", 1), ("num_utterances", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise UserError(f"--{flag} must be >= {minimum}, got {value}")
+    if args.val_final_padding_secs < 0:
+        raise UserError(f"--val_final_padding_secs must be >= 0, got {args.val_final_padding_secs}")
+    if not args.ckpt.exists():
+        raise CheckpointError(f"{args.ckpt}: no such checkpoint file or directory; check --ckpt")
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    _check_args(args)
+    device = _device(args.device)
+    model_config = args.model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG
+    manifests = args.val_manifests or [str(REPO_ROOT / DEFAULT_VAL_MANIFEST)]
+    shown_manifests = " ".join(args.val_manifests or [DEFAULT_VAL_MANIFEST])
+    dataset_dir = args.dataset_dir or Path(manifests[0]).parent
+    output_dir = args.output_dir or REPO_ROOT / DEFAULT_OUTPUT_DIR
+    entries = read_manifests(manifests, dataset_dir)
+    if args.num_utterances is not None:
+        entries = entries[: args.num_utterances]
+    torch.manual_seed(args.seed)
+
+    def run(ckpt: Path) -> tuple[Optional[int], EvalResult]:
+        target = load_for_validation(ckpt, model_config, device)
+        result = validate(
+            target,
+            entries,
+            dataset_dir,
+            batch_size=args.val_batch_size,
+            final_padding_secs=args.val_final_padding_secs,
+            max_symbols_per_step=args.max_symbol_per_sample,
+            seed=args.seed,
+            device=device,
+        )
+        path = predictions_path(output_dir, ckpt)
+        write_predictions(result.predictions, path)
+        print(f"{ckpt.name}: {target.kind} checkpoint, predictions in {path}", file=sys.stderr)
+        return target.step, result
+
+    if not args.ckpt.is_dir():
+        _, result = run(args.ckpt)
+        print(f'Word Error Rate: {format_wer(result.wer)} on "{shown_manifests}"')
+        return 0
+
+    rows = []
+    failed = 0
+    for ckpt in checkpoints_in(args.ckpt):
+        try:
+            step, result = run(ckpt)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            rows.append((ckpt.name, "-", "error"))
+            failed += 1
+            continue
+        rows.append((ckpt.name, "-" if step is None else str(step), format_wer(result.wer)))
+    print(format_table(rows, f'WER on "{shown_manifests}"'))
+    # Status 2, as for any user error, when some checkpoint could not be validated.
+    return 2 if failed else 0
+
+
+def format_table(rows: list[tuple[str, str, str]], wer_header: str = "WER") -> str:
+    """Left-aligned columns file, step, WER."""
+    header = ("file", "step", wer_header)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def cli() -> NoReturn:
+    """Console entry point (``caiman-val``)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
