@@ -34,7 +34,7 @@ from typing import NoReturn, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from caiman_asr_train.core.errors import CheckpointError, ConfigError, UserError
+from caiman_asr_train.core.errors import CheckpointError, ConfigError, DataError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
 from caiman_asr_train.core.model import RNNT as CoreRNNT
 from caiman_asr_train.data.dataset import AudioDataset, collate
@@ -335,6 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dataset_dir = args.dataset_dir or Path(manifests[0]).parent
     output_dir = args.output_dir or REPO_ROOT / DEFAULT_OUTPUT_DIR
     entries = read_manifests(manifests, dataset_dir)
+    if not entries:
+        raise DataError(f"manifests {shown_manifests} hold no utterances; pass a non-empty --val_manifests")
     if args.num_utterances is not None:
         entries = entries[: args.num_utterances]
     torch.manual_seed(args.seed)

@@ -237,6 +237,9 @@ def test_user_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     assert "manifest not found" in cli_error(
         capsys, ["--ckpt", str(setup["train_ckpt"]), "--val_manifests", str(tmp_path / "nope.json")]
     )
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert "hold no utterances" in cli_error(capsys, ["--ckpt", str(setup["train_ckpt"]), "--val_manifests", str(empty)])
     assert "--val_batch_size must be >= 1" in cli_error(
         capsys, ["--ckpt", str(setup["train_ckpt"]), *manifest, "--val_batch_size", "0"]
     )
