@@ -120,7 +120,9 @@ def read_checkpoint(path: PathLike, mmap: bool = True) -> dict:
                 "toolkit from a source you trust"
             ) from None
         raise CheckpointError(_corrupt_message(path)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+    except Exception:
+        # Unpickling damaged bytes fails in many ways (KeyError, EOFError,
+        # RuntimeError from the zip reader, ...): all mean the file is corrupt.
         raise CheckpointError(_corrupt_message(path)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")

@@ -260,11 +260,13 @@ def test_read_checkpoint_refuses_missing_corrupt_and_non_dict_files(tmp_path):
     torch.save({"x": torch.ones(100)}, good)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:-200])
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(2000))
+    garbage = []
+    for seed in range(20):
+        garbage.append(tmp_path / f"garbage{seed}.pt")
+        garbage[-1].write_bytes(random.Random(seed).randbytes(2000))
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    for path in (truncated, garbage, empty):
+    for path in (truncated, empty, *garbage):
         for mmap in (True, False):
             with pytest.raises(CheckpointError, match="truncated or corrupt"):
                 read_checkpoint(path, mmap=mmap)
