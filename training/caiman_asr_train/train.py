@@ -1,0 +1,628 @@
+"""Train an RNN-T: EMA, validation, crash-safe checkpoints, exact resume, and hardware export at the end.
+
+From the repository root (the defaults train the built-in demo):
+
+    ./train.sh                                   # bootstrap, demo data, train, export
+    python training/caiman_asr_train/train.py --model_config training/configs/base-8703sp.yaml \\
+        --dataset_dir /data/LibriSpeech --train_manifests train-clean-100.json \\
+        --val_manifests dev-clean.json --num_gpus 8 --global_batch_size 1024 ...
+    python -m caiman_asr_train.train --resume    # continue the run in --output_dir
+
+One optimizer step uses ``--global_batch_size`` utterances, split over
+``--grad_accumulation_batches`` micro-batches and over processes. After every
+step the EMA model is updated; it is validated (greedy WER on the dev
+manifests) at step 1, every ``--val_frequency`` steps and at the end, and
+saved as ``RNN-T_best_checkpoint.pt`` when its WER improves. When training ends
+(or is stopped by SIGTERM/SIGINT) the last checkpoint is saved and the finalize
+callbacks run; the built-in one writes ``RNN-T_best_checkpoint.hw.pt`` and
+``RNN-T_last_checkpoint.hw.pt``.
+
+Determinism: every random draw of optimizer step N (data order, speed
+perturbation, subword sampling, dither, SpecAugment, dropout, gradient noise)
+comes from a generator seeded by ``(--seed, N, ...)``, and the data position is
+one integer saved in each checkpoint, so on CPU a resumed run reproduces an
+uninterrupted one bit for bit.
+
+Exit status: 0 when training finished and the exports succeeded; 1 when an
+export failed (the training checkpoints are intact); 128 + signal number after
+a clean stop on SIGTERM/SIGINT (resume with ``--resume``); 2 for a usage error.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.data.dataset import AudioDataset, Batch, collate
+from caiman_asr_train.data.features import FeaturePipeline, SpeedPerturbation, load_mel_stats, norm_weight
+from caiman_asr_train.data.manifest import read_manifests
+from caiman_asr_train.data.sampler import BucketingSampler
+from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.evaluate.evaluator import evaluate
+from caiman_asr_train.evaluate.normalizers import standardize
+from caiman_asr_train.export.checkpointer import Checkpointer
+from caiman_asr_train.rnnt import config
+from caiman_asr_train.rnnt.model import RNNT
+from caiman_asr_train.train_utils import distributed as dist_utils
+from caiman_asr_train.train_utils.callbacks import FinalizeCallback, FinalizeContext, HardwareExportCallback, run_finalize
+from caiman_asr_train.train_utils.ema import update_ema
+from caiman_asr_train.train_utils.logger import Throughput, TrainLogger, format_seconds
+from caiman_asr_train.train_utils.optim import build_optimizer
+from caiman_asr_train.train_utils.rng import Purpose, derive_seed, generator, get_rng_state, seed_item_rngs, set_rng_state
+from caiman_asr_train.train_utils.schedule import grad_noise_std, learning_rate
+from caiman_asr_train.train_utils.signals import PreemptionHandler
+from caiman_asr_train.utils.atomic import atomic_write
+from caiman_asr_train.utils.cli import run_cli
+
+MODEL_NAME = "RNN-T"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Defaults train the built-in demo from the repository root."""
+    p = argparse.ArgumentParser(
+        description="Train an RNN-T and export hardware checkpoints when training ends.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("data and files")
+    io.add_argument("--model_config", default="training/configs/demo.yaml", help="YAML model config")
+    io.add_argument("--output_dir", default="results", help="where checkpoints, logs and TensorBoard files go")
+    io.add_argument("--dataset_dir", default="datasets/demo", help="directory manifests and their audio paths are relative to")
+    io.add_argument("--train_manifests", nargs="+", default=["train.json"], help="training manifests (relative to --dataset_dir)")
+    io.add_argument("--val_manifests", nargs="+", default=["dev.json"], help="validation manifests (relative to --dataset_dir)")
+
+    sched = p.add_argument_group("schedule and optimizer")
+    sched.add_argument("--training_steps", type=int, default=1500, help="optimizer steps to train for (in total, across resumes)")
+    sched.add_argument("--global_batch_size", type=int, default=32, help="utterances per optimizer step, over all processes and micro-batches")
+    sched.add_argument("--grad_accumulation_batches", type=int, default=1, help="micro-batches per optimizer step (each global_batch_size / this / processes utterances per process)")
+    sched.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (LAMB)")
+    sched.add_argument("--min_lr", type=float, default=4e-4, help="floor of the exponential decay")
+    sched.add_argument("--warmup_steps", type=int, default=150, help="linear warmup steps from 0 to --lr")
+    sched.add_argument("--hold_steps", type=int, default=300, help="steps at --lr after warmup")
+    sched.add_argument("--half_life_steps", type=float, default=300, help="steps for the learning rate to halve after hold (0: no decay)")
+    sched.add_argument("--weight_decay", type=float, default=1e-3, help="LAMB weight decay")
+    sched.add_argument("--clip_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
+    sched.add_argument("--ema", type=float, default=0.99, help="EMA decay d: ema = d*ema + (1-d)*model after every step")
+    sched.add_argument("--seed", type=int, default=1, help="seeds initialisation, data order and all augmentation")
+    sched.add_argument("--norm_ramp_start_step", type=int, default=0, help="step where the per-utterance to dataset normalisation ramp starts")
+    sched.add_argument("--norm_ramp_end_step", type=int, default=0, help="step from which only dataset normalisation is used")
+    sched.add_argument("--no_amp", action="store_true", help="train in float32 on CUDA too (AMP is never used on CPU)")
+
+    val = p.add_argument_group("validation, checkpoints and logs")
+    val.add_argument("--val_frequency", type=int, default=500, help="validate the EMA model every N steps (also at step 1 and at the end; 0: only then)")
+    val.add_argument("--val_batch_size", type=int, default=64, help="utterances per validation batch (per process)")
+    val.add_argument("--val_final_padding_secs", type=float, default=0.24, help="seconds of silence appended to each validation utterance, as the server does")
+    val.add_argument("--save_frequency", type=int, default=500, help="save RNN-T_step{N}_checkpoint.pt every N steps (0: never)")
+    val.add_argument("--keep_last_n", type=int, default=None, help="keep only the newest N step checkpoints (best and last are always kept)")
+    val.add_argument("--log_frequency", type=int, default=25, help="print and log training metrics every N steps")
+
+    run = p.add_argument_group("run control")
+    run.add_argument("--resume", action="store_true", help="continue from --ckpt or the newest valid checkpoint in --output_dir (weights, EMA, optimizer, schedule, RNG and data position)")
+    run.add_argument("--fine_tune", action="store_true", help="start from the weights and EMA of --ckpt with a fresh schedule and optimizer")
+    run.add_argument("--ckpt", default=None, help="training checkpoint for --resume or --fine_tune")
+    run.add_argument("--skip_state_dict_check", action="store_true", help="export hardware checkpoints of models that are not FPGA variants (software use only; the demo needs it)")
+    run.add_argument("--skip_ngram", action="store_true", help="export hardware checkpoints without the n-gram")
+    run.add_argument("--num_gpus", type=int, default=1, help="processes (one per GPU; CPU processes use gloo); >1 relaunches through torchrun")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device (auto: CUDA when available)")
+    run.add_argument("--cpu_threads", type=int, default=0, help="torch threads per CPU training process (0: the machine's cores / processes)")
+    run.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per training process (0: load in the main process)")
+    run.add_argument("--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject inconsistent flags with a one-line message."""
+    positive = ("training_steps", "global_batch_size", "grad_accumulation_batches", "val_batch_size", "log_frequency", "num_gpus")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("val_frequency", "save_frequency", "warmup_steps", "hold_steps", "num_workers", "cpu_threads"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.ema < 1.0:
+        raise UserError(f"--ema must be in [0, 1), got {args.ema}")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise UserError(f"need 0 <= --min_lr <= --lr and --lr > 0, got --lr {args.lr} --min_lr {args.min_lr}")
+    if args.norm_ramp_end_step < args.norm_ramp_start_step:
+        raise UserError("--norm_ramp_end_step must be >= --norm_ramp_start_step")
+    if args.resume and args.fine_tune:
+        raise UserError("--resume and --fine_tune exclude each other: resume continues a run, fine_tune starts a new one")
+    if args.fine_tune and not args.ckpt:
+        raise UserError("--fine_tune needs --ckpt (the checkpoint whose weights to start from)")
+    if args.ckpt and not (args.resume or args.fine_tune):
+        raise UserError("--ckpt is used only with --resume or --fine_tune; add one of them")
+    if args.keep_last_n is not None and args.keep_last_n < 1:
+        raise UserError(f"--keep_last_n must be >= 1, got {args.keep_last_n}")
+
+
+def local_batch_size(args: argparse.Namespace, world_size: int) -> int:
+    """Utterances per micro-batch per process."""
+    parts = args.grad_accumulation_batches * world_size
+    if args.global_batch_size % parts:
+        raise UserError(
+            f"--global_batch_size {args.global_batch_size} is not divisible by "
+            f"--grad_accumulation_batches ({args.grad_accumulation_batches}) x processes ({world_size})"
+        )
+    return args.global_batch_size // parts
+
+
+def pick_device(choice: str, info: dist_utils.DistInfo) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+class TrainItems(Dataset):
+    """Training utterances keyed by ``(index, seed)``: per-utterance randomness comes from the seed.
+
+    Speed perturbation and subword sampling draw from generators seeded with
+    the key's seed in whichever process loads the item, so the batches of a
+    step do not depend on DataLoader workers or on where a run resumed.
+    """
+
+    def __init__(self, dataset: AudioDataset, speed_perturbation: Optional[SpeedPerturbation]) -> None:
+        self.dataset = dataset
+        self.speed_perturbation = speed_perturbation
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        rng = seed_item_rngs(seed)
+        item = self.dataset[index]
+        if self.speed_perturbation is not None:
+            item["audio"] = self.speed_perturbation(item["audio"], rng)
+            item["duration"] = item["audio"].shape[0] / self.dataset.sample_rate
+        return item
+
+
+def _quiet_worker(_: int) -> None:
+    # Stop requests are the main process's business; a terminal's Ctrl-C also
+    # reaches the workers, which would otherwise report it twice.
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def train_batches(
+    items: TrainItems, sampler: BucketingSampler, start: int, seed: int, rank: int, num_workers: int
+) -> Iterator[Batch]:
+    """Micro-batches from position ``start`` on, forever (``sampler.advance`` is the caller's job)."""
+
+    def keys() -> Iterator[list[tuple[int, int]]]:
+        for position, (_, indices) in enumerate(sampler.iter_from(start), start):
+            yield [(int(i), derive_seed(seed, Purpose.ITEM, position, rank, j)) for j, i in enumerate(indices)]
+
+    loader = DataLoader(
+        items,
+        batch_sampler=keys(),
+        collate_fn=collate,
+        num_workers=num_workers,
+        worker_init_fn=_quiet_worker if num_workers else None,
+        # a private generator: the loader's base seed must not draw from the global one
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if num_workers else None,
+    )
+    return iter(loader)
+
+
+def read_entries(manifests: Sequence[str], dataset_dir: str) -> list[dict]:
+    return read_manifests([os.path.join(dataset_dir, m) for m in manifests], dataset_dir, check_files=True)
+
+
+def filter_train_entries(entries: list[dict], inp: dict) -> list[dict]:
+    """Drop utterances outside ``min_duration``/``max_duration`` or with transcripts longer than
+    ``max_transcript_len`` characters (an upper bound on their token count)."""
+    lo, hi, max_len = inp["min_duration"], inp["max_duration"], inp["max_transcript_len"]
+    kept = []
+    for entry in entries:
+        duration = float(entry["files"][0]["duration"])
+        if (lo is not None and duration < lo) or (hi is not None and duration > hi):
+            continue
+        if max_len is not None and len(entry["transcript"]) > max_len:
+            continue
+        kept.append(entry)
+    if inp["standardize_text"]:
+        kept = [{**entry, "transcript": standardize(entry["transcript"])} for entry in kept]
+    return kept
+
+
+class LossModule(torch.nn.Module):
+    """``forward`` returns the model's loss, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: RNNT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, x_lens, y, y_lens):
+        return self.model.loss(x, x_lens, y, y_lens)
+
+
+def refuse_used_output_dir(output_dir: Path) -> None:
+    used = sorted(p.name for p in output_dir.glob(f"{MODEL_NAME}_*checkpoint*.pt"))
+    if used:
+        raise UserError(
+            f"--output_dir {output_dir} already holds checkpoints ({', '.join(used[:3])}"
+            f"{', ...' if len(used) > 3 else ''}); pass --resume to continue that run, "
+            "or choose an empty --output_dir"
+        )
+
+
+@dataclass
+class Validator:
+    """Greedy WER of a model on this process's shard of the dev manifests, summed over processes."""
+
+    dataset: AudioDataset
+    pipeline: FeaturePipeline
+    tokenizer: Tokenizer
+    sample_rate: int
+    final_padding_secs: float
+    standardize_wer: bool
+    error_rate: str
+    batch_size: int
+    num_workers: int
+    device: torch.device
+    dist: dist_utils.DistInfo
+    seed: int
+
+    def __call__(self, model: torch.nn.Module) -> tuple[float, int]:
+        """Returns (error rate as a fraction, reference words)."""
+        was_training = model.training
+        model.eval()
+        batches = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
+        result = evaluate(
+            model,
+            batches,
+            self.pipeline,
+            self.tokenizer,
+            sample_rate=self.sample_rate,
+            final_padding_secs=self.final_padding_secs,
+            standardize=self.standardize_wer,
+            error_rate=self.error_rate,
+            device=self.device,
+            progress=False,
+            generator=generator(derive_seed(self.seed, 0), self.device),
+        )
+        model.train(was_training)
+        errors, words = dist_utils.all_sum([result.errors, result.words], self.dist, self.device)
+        return (errors / words if words else float("nan")), int(words)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    if args.num_gpus > 1 and not dist_utils.under_torchrun():
+        return dist_utils.relaunch_with_torchrun(args.num_gpus, argv)
+    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = dist_utils.init_distributed(device_type)
+    try:
+        return Trainer(args, argv, info).run()
+    finally:
+        dist_utils.cleanup(info)
+
+
+class Trainer:
+    """One training run (one process of it): set-up in ``__init__``, the loop in ``run``."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str], info: dist_utils.DistInfo) -> None:
+        self.args = args
+        self.dist = info
+        self.device = pick_device(args.device, info)
+        if self.device.type == "cpu":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(args.cpu_threads or max(1, cores // info.local_world_size))
+        self.amp = self.device.type == "cuda" and not args.no_amp
+        self.output_dir = Path(args.output_dir)
+        self.config_path = Path(args.model_config)
+        self.cfg = config.load(self.config_path)
+        self.checkpointer = Checkpointer(self.output_dir, model_name=MODEL_NAME, keep_last_n=args.keep_last_n)
+
+        resume_path: Optional[Path] = None
+        if args.resume:
+            resume_path = Path(args.ckpt) if args.ckpt else self.checkpointer.last_checkpoint()
+            if resume_path is None:
+                raise UserError(f"--resume: no checkpoint in {self.output_dir}; pass --ckpt or start without --resume")
+        elif self.output_dir.is_dir():
+            refuse_used_output_dir(self.output_dir)
+        if info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier(info)
+        self.log = TrainLogger(self.output_dir, enabled=info.is_main)
+
+        tok_cfg = config.tokenizer(self.cfg)
+        self.tokenizer = Tokenizer(tok_cfg["sentpiece_model"], sampling=tok_cfg["sampling"])
+        self.tokenizer_kw = {**tok_cfg, "unk": "fail"}
+        train_inp, val_inp = config.input(self.cfg, "train"), config.input(self.cfg, "val")
+        melmeans, melvars, _ = load_mel_stats(train_inp["filterbank_features"]["stats_path"], train_inp["filterbank_features"]["n_filt"])
+        self.train_pipeline = FeaturePipeline(
+            train_inp["filterbank_features"], train_inp["frame_splicing"], melmeans, melvars, train_inp["spec_augment"]
+        ).to(self.device).train()
+        val_means, val_vars, _ = load_mel_stats(val_inp["filterbank_features"]["stats_path"], val_inp["filterbank_features"]["n_filt"])
+        val_pipeline = FeaturePipeline(val_inp["filterbank_features"], val_inp["frame_splicing"], val_means, val_vars).to(self.device).eval()
+        self.sample_rate = int(train_inp["audio_dataset"]["sample_rate"])
+
+        dataset_kw = dict(
+            normalize_transcripts=train_inp["audio_dataset"]["normalize_transcripts"],
+            labels=tok_cfg["labels"],
+            replacements=train_inp["audio_dataset"].get("replacements"),
+            remove_tags=train_inp["audio_dataset"].get("remove_tags", True),
+        )
+        all_train = read_entries(args.train_manifests, args.dataset_dir)
+        train_entries = filter_train_entries(all_train, train_inp)
+        self.log.info(f"training utterances: {len(train_entries)} of {len(all_train)} (after duration/length filters)")
+        train_dataset = AudioDataset(
+            train_entries,
+            args.dataset_dir,
+            self.sample_rate,
+            tokenizer=self.tokenizer,
+            sample_tokens=tok_cfg["sampling"] > 0,
+            **dataset_kw,
+        )
+        speed = SpeedPerturbation(**train_inp["speed_perturbation"]) if train_inp["speed_perturbation"] else None
+        self.train_items = TrainItems(train_dataset, speed)
+        self.batch_size = local_batch_size(args, info.world_size)
+        self.sampler = BucketingSampler(
+            train_dataset.durations, self.batch_size, args.seed, args.num_buckets, info.rank, info.world_size
+        )
+
+        val_entries = sorted(read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"])
+        val_audio = val_inp["audio_dataset"]
+        self.validator = Validator(
+            dataset=AudioDataset(
+                val_entries[info.rank :: info.world_size],
+                args.dataset_dir,
+                self.sample_rate,
+                normalize_transcripts=val_audio["normalize_transcripts"],
+                labels=tok_cfg["labels"],
+                replacements=val_audio.get("replacements"),
+                remove_tags=val_audio.get("remove_tags", True),
+            ),
+            pipeline=val_pipeline,
+            tokenizer=self.tokenizer,
+            sample_rate=self.sample_rate,
+            final_padding_secs=args.val_final_padding_secs,
+            standardize_wer=bool(val_audio.get("standardize_wer", True)),
+            error_rate=val_audio.get("error_rate", "word"),
+            batch_size=args.val_batch_size,
+            num_workers=min(args.num_workers, 1),
+            device=self.device,
+            dist=info,
+            seed=args.seed,
+        )
+
+        torch.manual_seed(args.seed)
+        self.model = RNNT(self.tokenizer.num_labels + 1, **config.rnnt(self.cfg)).to(self.device)
+        self.ema_model = copy.deepcopy(self.model).eval()
+        for p in self.ema_model.parameters():
+            p.requires_grad_(False)
+        self.optimizer = build_optimizer(self.model.param_groups(args.lr), args.lr, args.weight_decay, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        loss_module = LossModule(self.model)
+        self.loss_module = (
+            DistributedDataParallel(loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if info.distributed
+            else loss_module
+        )
+        noise = self.cfg.get("grad_noise_scheduler") or {}
+        self.grad_noise = (float(noise.get("noise_level", 0.0)), float(noise.get("decay_const", 0.55)), int(noise.get("start_step", 0)))
+
+        self.step = 0
+        self.best_wer = math.inf
+        self.config_text = self.config_path.read_text()
+        if resume_path is not None:
+            self._resume(resume_path)
+        elif args.fine_tune:
+            self.checkpointer.load(Path(args.ckpt), self.model, self.ema_model)
+            self.log.info(f"fine-tuning from {args.ckpt}: weights and EMA loaded, fresh schedule")
+        self._write_run_files(argv, resumed=resume_path is not None)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log.info(
+            f"model: {n_params:,} parameters, {self.tokenizer.num_labels + 1} classes; device {self.device}"
+            f"{' (AMP)' if self.amp else ''}; {info.world_size} process(es), {self.batch_size} utterances per "
+            f"micro-batch, {self.sampler.batches_per_epoch // args.grad_accumulation_batches} steps per epoch"
+        )
+
+    def _resume(self, path: Path) -> None:
+        state = self.checkpointer.load(path, self.model, self.ema_model, self.optimizer)
+        self.step = int(state["step"])
+        self.best_wer = float(state["best_wer"])
+        if state.get("data_state") is not None:
+            self.sampler.load_state_dict(state["data_state"])
+        else:
+            self.log.info(f"{path} has no data position; continuing at micro-batch {self.step * self.args.grad_accumulation_batches}")
+            self.sampler.consumed = self.step * self.args.grad_accumulation_batches
+        if state.get("rng_state") is not None:
+            set_rng_state(state["rng_state"])
+        if state.get("grad_scaler") and self.amp:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.log.info(f"resumed from {path} at step {self.step} (best WER {self.best_wer:.4f})")
+
+    def _write_run_files(self, argv: Sequence[str], resumed: bool) -> None:
+        if not self.dist.is_main:
+            return
+        name = f"args_resume_step{self.step}.json" if resumed else "args.json"
+        record = {"argv": list(argv), "args": vars(self.args)}
+        atomic_write(self.output_dir / name, lambda f: f.write(json.dumps(record, indent=2).encode()))
+        atomic_write(self.output_dir / "model_config.yaml", lambda f: f.write(self.config_text.encode()))
+
+    def norm_weight(self) -> float:
+        return norm_weight(self.step, self.args.norm_ramp_start_step, self.args.norm_ramp_end_step)
+
+    def save(self, dev_wer: Optional[float], **kind) -> None:
+        self.checkpointer.save(
+            self.model,
+            self.ema_model,
+            self.optimizer,
+            epoch=self.sampler.epoch,
+            step=self.step,
+            best_wer=self.best_wer,
+            tokenizer_kw=self.tokenizer_kw,
+            logmel_norm_weight=self.norm_weight(),
+            config_path=str(self.config_path),
+            dev_wer=dev_wer,
+            rng_state=get_rng_state(),
+            data_state=self.sampler.state_dict(),
+            grad_scaler=self.scaler.state_dict() if self.amp else None,
+            config_text=self.config_text,
+            **kind,
+        )
+
+    def validate(self) -> float:
+        start = time.perf_counter()
+        wer, words = self.validator(self.ema_model)
+        self.last_wer = wer
+        improved = wer < self.best_wer and self.norm_weight() == 1.0
+        self.log.info(
+            f"step {self.step}: dev WER {100 * wer:.2f}% of {words} words (EMA model)"
+            + (f"; best so far, saving {self.checkpointer.best_path.name}" if improved else "")
+        )
+        self.log.scalars(self.step, {"dev/wer": wer})
+        if improved:
+            self.best_wer = wer
+            self.save(wer, is_best=True)
+        self.throughput.pause(time.perf_counter() - start)
+        return wer
+
+    def train_step(self, batches: Iterator[Batch]) -> tuple[float, float, float]:
+        """One optimizer step over ``grad_accumulation_batches`` micro-batches.
+
+        Returns (mean loss, gradient norm before clipping, audio seconds on this process).
+        """
+        args, step = self.args, self.step + 1
+        accumulate = args.grad_accumulation_batches
+        weight = self.norm_weight()
+        total_loss, audio_secs = 0.0, 0.0
+        for micro in range(accumulate):
+            batch = next(batches).to(self.device, non_blocking=True)
+            self.sampler.advance()
+            audio_secs += float(batch.audio_lens.sum()) / self.sample_rate
+            features_gen = generator(derive_seed(args.seed, Purpose.FEATURES, step, self.dist.rank, micro), self.device)
+            x, x_lens = self.train_pipeline(batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen)
+            torch.manual_seed(derive_seed(args.seed, Purpose.DROPOUT, step, self.dist.rank, micro))
+            sync = self.dist.distributed and micro < accumulate - 1
+            with self.loss_module.no_sync() if sync else contextlib.nullcontext():
+                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                    loss = self.loss_module(x, x_lens, batch.tokens, batch.token_lens)
+                self.scaler.scale(loss / accumulate).backward()
+            total_loss += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_norm if args.clip_norm > 0 else math.inf))
+        std = grad_noise_std(step, *self.grad_noise)
+        if std > 0:
+            noise_gen = generator(derive_seed(args.seed, Purpose.GRAD_NOISE, step), self.device)
+            for p in params:
+                p.grad.add_(torch.randn(p.grad.shape, generator=noise_gen, device=p.device, dtype=p.grad.dtype), alpha=std)
+        lr = learning_rate(step, args.lr, args.min_lr, args.warmup_steps, args.hold_steps, args.half_life_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_factor"]
+        if self.amp or math.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.log.info(f"step {step}: non-finite gradient norm, update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema_model, self.model, args.ema)
+        self.step = step
+        return total_loss / accumulate, grad_norm, audio_secs
+
+    def run(self) -> int:
+        args = self.args
+        if self.step >= args.training_steps:
+            self.log.info(f"already at step {self.step} >= --training_steps {args.training_steps}; nothing to train")
+        self.throughput = Throughput(self.step, args.training_steps)
+        batches = train_batches(self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers)
+        self.model.train()
+        last_val_step = -1
+        stop_signal: Optional[int] = None
+        with PreemptionHandler() as preemption:
+            loss_sum, loss_count = 0.0, 0
+            while self.step < args.training_steps:
+                loss, grad_norm, audio_secs = self.train_step(batches)
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                self.throughput.add_audio(audio_secs * self.dist.world_size)
+                if self.step % args.log_frequency == 0 or self.step == args.training_steps:
+                    self._log_progress(loss_sum / loss_count, grad_norm)
+                    loss_sum, loss_count = 0.0, 0
+                dev_wer = None
+                if self.step == 1 or (args.val_frequency and self.step % args.val_frequency == 0) or self.step == args.training_steps:
+                    dev_wer = self.validate()
+                    last_val_step = self.step
+                if args.save_frequency and self.step % args.save_frequency == 0:
+                    start = time.perf_counter()
+                    self.save(dev_wer)
+                    self.throughput.pause(time.perf_counter() - start)
+                if dist_utils.any_rank(preemption.stop_requested, self.dist, self.device):
+                    stop_signal = preemption.signum or 15
+                    self.log.info(f"stopping at step {self.step} on request")
+                    break
+            del batches
+            self.save(self.last_wer if last_val_step == self.step else None, is_last=True)
+            self.log.info(f"saved {self.checkpointer.last_path}")
+            reason = "finished" if stop_signal is None else f"signal {stop_signal}"
+            status = run_finalize(self.finalize_callbacks(), self._finalize_context(reason))
+        self.log.close()
+        if status:
+            return status
+        return 0 if stop_signal is None else 128 + stop_signal
+
+    def finalize_callbacks(self) -> list[FinalizeCallback]:
+        return [HardwareExportCallback(skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check)]
+
+    def _finalize_context(self, reason: str) -> FinalizeContext:
+        return FinalizeContext(
+            best_path=self.checkpointer.best_path,
+            last_path=self.checkpointer.last_path,
+            config_path=self.config_path,
+            dist=self.dist,
+            reason=reason,
+        )
+
+    def _log_progress(self, loss: float, grad_norm: float) -> None:
+        if self.dist.distributed:
+            loss = dist_utils.all_sum([loss], self.dist, self.device)[0] / self.dist.world_size
+        rates = self.throughput.report(self.step)
+        lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_factor"]
+        weight = self.norm_weight()
+        self.log.info(
+            f"step {self.step}/{self.args.training_steps} epoch {self.sampler.epoch} loss {loss:.3f} "
+            f"lr {lr:.2e} grad_norm {grad_norm:.2f} | {rates['steps_per_sec']:.2f} steps/s "
+            f"{rates['audio_sec_per_sec']:.1f} audio s/s | ETA {format_seconds(rates['eta_sec']) if math.isfinite(rates['eta_sec']) else '?'}"
+        )
+        self.log.scalars(
+            self.step,
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/steps_per_sec": rates["steps_per_sec"],
+                "train/audio_sec_per_sec": rates["audio_sec_per_sec"],
+                "train/logmel_norm_weight": weight,
+            },
+        )
+
+
+def cli() -> None:
+    """Console-script entry point (``caiman-train``)."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    run_cli(main)

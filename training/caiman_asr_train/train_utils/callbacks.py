@@ -1,0 +1,133 @@
+"""Finalize callbacks: work that runs once when training ends.
+
+Training ends normally or on SIGTERM/SIGINT after the last checkpoint is saved;
+either way ``run_finalize`` calls every callback in order on every rank (a
+callback decides itself which ranks do work), then all ranks meet at a barrier,
+so a failing callback on rank 0 never leaves other ranks waiting. A failure is
+reported and turns into a non-zero exit status; the training checkpoints are
+never touched.
+"""
+
+import os
+import shlex
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.export import hardware_ckpt
+from caiman_asr_train.train_utils.distributed import DistInfo, barrier
+
+
+@dataclass(frozen=True)
+class FinalizeContext:
+    """What a finalize callback may need to know about the finished run."""
+
+    best_path: Path  # best training checkpoint (may not exist: no validation improved)
+    last_path: Path  # last training checkpoint (always written before finalize)
+    config_path: Path
+    dist: DistInfo
+    reason: str  # "finished" or the signal name that stopped training
+
+
+FinalizeCallback = Callable[[FinalizeContext], None]
+
+
+def hw_path(ckpt_path: Path) -> Path:
+    """``RNN-T_best_checkpoint.pt`` -> ``RNN-T_best_checkpoint.hw.pt`` (same directory)."""
+    return ckpt_path.with_suffix(".hw.pt")
+
+
+def _shown(path: os.PathLike) -> str:
+    """A path as a user would type it here: relative to the cwd when inside it."""
+    path = Path(path).absolute()
+    try:
+        return shlex.quote(str(path.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(path))
+
+
+class HardwareExportCallback:
+    """On rank 0, write ``*.hw.pt`` next to the best and last training checkpoints.
+
+    Uses ``create_hardware_ckpt`` with ``skip_ngram``/``skip_state_dict_check``
+    as given. If an export fails, prints why and the exact ``hardware_ckpt.py``
+    command that redoes it, and raises ``ExportFailed`` after trying both.
+    """
+
+    def __init__(self, skip_ngram: bool = False, skip_state_dict_check: bool = False) -> None:
+        self.skip_ngram = skip_ngram
+        self.skip_state_dict_check = skip_state_dict_check
+        self.written: list[Path] = []
+
+    def command(self, ckpt: Path, config: Path, output: Path) -> str:
+        """The shell command that makes ``output`` from ``ckpt`` by hand."""
+        parts = [
+            _shown(sys.executable),
+            _shown(hardware_ckpt.__file__),
+            "--ckpt",
+            _shown(ckpt),
+            "--config",
+            _shown(config),
+            "--output_ckpt",
+            _shown(output),
+        ]
+        if self.skip_ngram:
+            parts.append("--skip_ngram")
+        if self.skip_state_dict_check:
+            parts.append("--skip_state_dict_check")
+        return " ".join(parts)
+
+    def __call__(self, ctx: FinalizeContext) -> None:
+        if not ctx.dist.is_main:
+            return
+        failed = []
+        for ckpt in (ctx.best_path, ctx.last_path):
+            if not ckpt.is_file():
+                print(f"hardware export: {ckpt} does not exist (no validation improved on it); skipped", flush=True)
+                continue
+            output = hw_path(ckpt)
+            try:
+                hw = hardware_ckpt.create_hardware_ckpt(
+                    ckpt,
+                    ctx.config_path,
+                    skip_ngram=self.skip_ngram,
+                    skip_state_dict_check=self.skip_state_dict_check,
+                )
+                hardware_ckpt.save_hardware_ckpt(hw, output)
+            except Exception as exc:  # noqa: BLE001 - report every failure, keep going
+                reason = str(exc) if isinstance(exc, UserError) else "".join(traceback.format_exception_only(exc)).strip()
+                print(
+                    f"error: hardware export of {ckpt} failed: {reason}\n"
+                    f"  the training checkpoint is intact; fix the cause and rerun:\n"
+                    f"  {self.command(ckpt, ctx.config_path, output)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                failed.append(ckpt)
+                continue
+            self.written.append(output)
+            print(f"hardware checkpoint written: {_shown(output)}", flush=True)
+        if failed:
+            raise ExportFailed(f"hardware export failed for {', '.join(str(p) for p in failed)}")
+
+
+class ExportFailed(RuntimeError):
+    """A finalize export failed; its message was already printed."""
+
+
+def run_finalize(callbacks: Sequence[FinalizeCallback], ctx: FinalizeContext) -> int:
+    """Run every callback once; return 0, or 1 if any failed. All ranks return together."""
+    status = 0
+    for callback in callbacks:
+        try:
+            callback(ctx)
+        except ExportFailed:
+            status = 1
+        except Exception:  # noqa: BLE001 - a broken callback must not strand other ranks
+            traceback.print_exc()
+            status = 1
+    barrier(ctx.dist)
+    return status
