@@ -92,7 +92,9 @@ class LSTM(nn.Module):
 class StackTime(nn.Module):
     """Concatenate each frame with its next ``factor - 1`` frames and keep every ``factor``-th.
 
-    x[T, B, F] -> y[ceil(T / factor), B, factor * F]; frames past the end are zeros.
+    x[T, B, F] -> y[ceil(T / factor), B, factor * F]. Frames past each
+    utterance's own length are zeros, so an utterance gives the same output
+    whatever it is batched with.
     """
 
     def __init__(self, factor: int):
@@ -101,6 +103,8 @@ class StackTime(nn.Module):
 
     def forward(self, x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
         T, B, F = x.shape
+        valid = torch.arange(T, device=x.device)[:, None] < x_lens.to(x.device)[None, :]
+        x = x * valid.unsqueeze(-1).to(x.dtype)
         pad = (-T) % self.factor
         if pad:
             x = torch.cat([x, x.new_zeros(pad, B, F)])

@@ -154,6 +154,26 @@ def test_stack_time_concatenates_following_frames():
     assert lens.tolist() == [3]
 
 
+def test_stack_time_uses_zeros_past_each_utterances_end():
+    model = RNNT(small_config())
+    x = torch.arange(1.0, 7.0).view(3, 2, 1)  # utterance 0 has 3 frames, utterance 1 has 1
+    stacked, lens = model.encoder.stack_time(x, torch.tensor([3, 1]))
+    assert stacked[:, 1].tolist() == [[2.0, 0.0], [0.0, 0.0]]
+    assert stacked[:, 0].tolist() == [[1.0, 3.0], [5.0, 0.0]]
+    assert lens.tolist() == [2, 1]
+
+
+def test_encoder_output_does_not_depend_on_batch_padding():
+    torch.manual_seed(0)
+    model = RNNT(small_config()).eval()
+    short = torch.randn(5, 1, 12)
+    alone, alone_lens, _ = model.encode(short, torch.tensor([5]))
+    batch = torch.cat([torch.cat([short, torch.randn(4, 1, 12)]), torch.randn(9, 1, 12)], dim=1)
+    batched, batched_lens, _ = model.encode(batch, torch.tensor([5, 9]))
+    assert batched_lens[0] == alone_lens[0] == 3
+    torch.testing.assert_close(batched[:1, :3], alone)
+
+
 def test_prediction_starts_from_an_all_zero_input():
     model = RNNT(small_config()).eval()
     y = torch.tensor([[3, 4]])

@@ -141,11 +141,6 @@ def test_predictions_repeat_with_the_same_generator(corpus, tokenizer, pipeline)
     assert any(p["hyp"] for p in one.predictions), "an untrained random model should emit something"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/model.py StackTime stacks an utterance's last frame with the LSTM output of the "
-    "batch padding instead of zeros (SPEC s.5: zeros past the end); remove this mark once fixed",
-)
 def test_predictions_do_not_depend_on_batching(corpus, tokenizer, pipeline):
     model = tiny_model(tokenizer, seed=3)
     quiet = FeaturePipeline({**FEATURES, "dither": 0.0}, SPLICING, pipeline.melmeans, pipeline.melvars)
