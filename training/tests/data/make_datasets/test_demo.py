@@ -1,0 +1,173 @@
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from caiman_asr_train.core.errors import DataError
+from caiman_asr_train.data.make_datasets import demo
+from caiman_asr_train.data.make_datasets.demo import (
+    default_output_dir,
+    make_demo_corpus,
+    make_sentences,
+    number_words,
+)
+from caiman_asr_train.data.manifest import read_manifest, read_manifests
+
+TRANSCRIPT = re.compile(r"^[a-z']+( [a-z']+)*$")
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return make_sentences(seed=0)
+
+
+def test_default_sizes_vocabulary_and_held_out_dev(sentences):
+    train, dev = sentences
+    assert len(train) == 3000 and len(set(train)) == 3000
+    assert len(dev) == 200 and len(set(dev)) == 200
+    assert not set(train) & set(dev)
+    vocabulary = {word for sentence in train for word in sentence.split()}
+    assert len(vocabulary) >= 400
+    assert {word for sentence in dev for word in sentence.split()} <= vocabulary
+    for sentence in train + dev:
+        assert TRANSCRIPT.match(sentence), sentence
+        assert 3 <= len(sentence.split()) <= 10, sentence
+
+
+def test_sentences_vary_in_length_and_pattern(sentences):
+    train, _ = sentences
+    lengths = {len(s.split()) for s in train}
+    assert lengths == set(range(3, 11))
+    first_words = {s.split()[0] for s in train}
+    assert {"where", "what", "did", "please", "there"} <= first_words  # questions, commands
+    assert any("'" in s for s in train)
+    assert sum(any(n in s.split() for n in ("twenty", "thirty", "forty")) for s in train) > 20
+
+
+def test_same_seed_same_sentences_other_seed_other_sentences(sentences):
+    assert make_sentences(seed=0) == sentences
+    other_train, other_dev = make_sentences(seed=1)
+    assert len(set(other_train) & set(sentences[0])) < 300
+    assert other_dev != sentences[1]
+
+
+def test_small_requests_still_hold_out_dev():
+    train, dev = make_sentences(seed=3, num_train=6, num_dev=3)
+    assert len(set(train)) == 6 and len(set(dev)) == 3 and not set(train) & set(dev)
+
+
+def test_number_words():
+    assert number_words(0) == ["zero"]
+    assert number_words(13) == ["thirteen"]
+    assert number_words(40) == ["forty"]
+    assert number_words(99) == ["ninety", "nine"]
+    assert number_words(100) == ["one", "hundred"]
+
+
+def test_default_output_dir_is_at_the_repository_root():
+    repo_root = Path(__file__).resolve().parents[4]
+    assert (repo_root / "training" / "caiman_asr_train").is_dir()
+    assert default_output_dir() == repo_root / "datasets" / "demo"
+
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 6 + 3 utterance corpus made in-process."""
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    marker = make_demo_corpus(root, seed=0, num_train=6, num_dev=3, workers=1, progress=False)
+    return root, marker
+
+
+def test_tiny_corpus_is_real_16khz_speech_with_valid_manifests(tiny):
+    root, marker = tiny
+    assert marker["complete"] and marker["seed"] == 0
+    train, dev = make_sentences(seed=0, num_train=6, num_dev=3)
+    for split, texts in (("train", train), ("dev", dev)):
+        entries = read_manifests([f"{split}.json"], root)
+        assert [e["transcript"] for e in entries] == texts
+        for entry in entries:
+            info = entry["files"][0]
+            assert info["fname"].startswith(f"audio/{split}/") and info["fname"].endswith(".flac")
+            audio, rate = soundfile.read(root / info["fname"], dtype="float32")
+            assert rate == 16000 and audio.ndim == 1 and len(audio) == info["num_samples"]
+            assert info["duration"] == len(audio) / 16000
+            # Speech, not silence: loud somewhere, and 0.4-6 s for 3-10 words.
+            assert np.abs(audio).max() > 0.2
+            assert 0.4 < info["duration"] < 6
+    total = sum(e["original_duration"] for s in ("train", "dev") for e in read_manifest(root / f"{s}.json"))
+    assert marker["train_hours"] + marker["dev_hours"] == pytest.approx(total / 3600, abs=1e-3)
+
+
+def test_rerun_is_a_no_op(tiny):
+    root, marker = tiny
+    before = _files(root)
+    assert make_demo_corpus(root, seed=0, num_train=6, num_dev=3, workers=1, progress=False) == marker
+    assert _files(root) == before
+
+
+def test_same_seed_gives_identical_corpus_with_a_worker_pool(tiny, tmp_path):
+    root, _ = tiny
+    make_demo_corpus(tmp_path, seed=0, num_train=6, num_dev=3, workers=2, progress=False)
+    for split in ("train", "dev"):
+        assert (tmp_path / f"{split}.json").read_bytes() == (root / f"{split}.json").read_bytes()
+    for entry in read_manifest(root / "train.json"):
+        fname = entry["files"][0]["fname"]
+        np.testing.assert_array_equal(soundfile.read(tmp_path / fname)[0], soundfile.read(root / fname)[0])
+
+
+def test_interrupted_run_resumes_keeping_finished_audio(tiny, tmp_path):
+    root = tmp_path / "demo"
+    shutil.copytree(tiny[0], root)
+    # What an interruption leaves: no manifests, an incomplete marker, some audio missing.
+    marker = json.loads((root / "corpus.json").read_text())
+    (root / "corpus.json").write_text(json.dumps({**marker, "complete": False}))
+    for name in ("train.json", "dev.json", "audio/train/train_00004.flac", "audio/dev/dev_00001.flac"):
+        (root / name).unlink()
+    stale = root / "audio" / "train" / ".train_00004.flac.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    kept = _files(root / "audio")
+    del kept[stale.relative_to(root / "audio")]
+
+    make_demo_corpus(root, seed=0, num_train=6, num_dev=3, workers=1, progress=False)
+    after = _files(root / "audio")
+    assert {k: after[k] for k in kept} == kept  # finished files untouched
+    assert len(after) == 9 and not stale.exists()
+    for name in ("train.json", "dev.json", "corpus.json"):
+        assert (root / name).read_bytes() == (tiny[0] / name).read_bytes()
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny):
+    root, _ = tiny
+    with pytest.raises(DataError, match="holds a demo corpus made with .*seed=0.*pass another --output_dir"):
+        make_demo_corpus(root, seed=1, num_train=6, num_dev=3, workers=1, progress=False)
+
+
+def test_espeak_command_fallback(monkeypatch, tmp_path):
+    executable = shutil.which("espeak-ng")
+    if executable is None:
+        pytest.skip("the espeak-ng command is not installed")
+    monkeypatch.setattr(demo, "_ENGINE", demo._EspeakCommand(executable))
+    audio = demo.synthesize("hello there", demo.speaker_settings(0, "train", 0))
+    assert audio.dtype == np.float32 and 0.3 < len(audio) / 16000 < 3
+    assert np.abs(audio).max() > 0.2
+
+
+def test_runs_as_a_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, demo.__file__, "--output_dir", str(tmp_path), "--num_train", "3",
+         "--num_dev", "1", "--workers", "1"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "demo corpus: 3 train + 1 dev utterances" in result.stdout
+    assert len(read_manifest(tmp_path / "train.json")) == 3
