@@ -1,0 +1,102 @@
+"""prepare_demo: every demo artefact made once, re-runs skip, changed inputs remake dependants.
+
+The eSpeak NG corpus generator is replaced by a tiny noise corpus so the test
+stays fast; the other phases are the real ones (mel statistics, SentencePiece,
+KenLM through scripts/generate_ngram.sh).
+"""
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from caiman_asr_train.data import prepare_demo as prepare_demo_module
+from caiman_asr_train.data.features import load_mel_stats
+from caiman_asr_train.data.manifest import manifest_entry, write_manifest
+from caiman_asr_train.data.ngram import is_kenlm_binary
+from caiman_asr_train.data.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[3]
+WORDS = "the a cat dog sat ran on under table garden red green blue house car it's".split()
+
+
+def _tiny_corpus(dataset_dir, progress: bool = True) -> dict:
+    """Stand-in for make_demo_corpus: 24 utterances of noise with random sentences."""
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / "train.json").is_file():
+        return {"complete": True}
+    rng = random.Random(0)
+    noise = np.random.default_rng(0)
+    entries = []
+    for i in range(24):
+        fname = f"audio/train/{i:03d}.flac"
+        audio = (0.1 * noise.standard_normal(8000 + 400 * i)).astype(np.float32)
+        (dataset_dir / fname).parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(dataset_dir / fname, audio, 16000)
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+        entries.append(manifest_entry(sentence.capitalize(), fname, len(audio)))
+    write_manifest(entries, dataset_dir / "train.json")
+    return {"complete": True}
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_demo_module, "make_demo_corpus", _tiny_corpus)
+    if shutil.which("lmplz") is None and not (REPO / "tools" / "kenlm" / "bin" / "lmplz").exists():
+        subprocess.run([str(REPO / "scripts" / "build_kenlm.sh")], check=True)
+    # The demo config's paths (../../datasets/demo/...) resolve inside tmp_path.
+    config = tmp_path / "training" / "configs" / "demo.yaml"
+    config.parent.mkdir(parents=True)
+    shutil.copy(REPO / "training" / "configs" / "demo.yaml", config)
+    root = tmp_path / "datasets" / "demo"
+
+    def run(**kwargs) -> tuple[dict, list[str]]:
+        lines: list[str] = []
+        timings = prepare_demo_module.prepare_demo(
+            config, root, vocab_size=kwargs.get("vocab_size", 40), progress=False, log=lines.append
+        )
+        return timings, lines
+
+    return root, run
+
+
+def _verdicts(lines: list[str]) -> dict[str, str]:
+    return {line.split()[1].rstrip(":"): line.split(": ")[1].split(" (")[0] for line in lines}
+
+
+def test_makes_everything_then_skips_and_remakes_what_changed(demo):
+    root, run = demo
+    timings, lines = run()
+    assert set(timings) == {"corpus", "stats", "spm", "ngram", "total"}
+    assert _verdicts(lines) == {"corpus": "ready", "stats": "made", "spm": "made", "ngram": "made"}
+    melmeans, _, meln = load_mel_stats(root / "stats", 80)
+    assert float(meln[0]) > 0
+    tokenizer = Tokenizer(root / "spm" / "demo.model")
+    # Normalised as the config says: lower case, no capital letters.
+    assert tokenizer.pieces("the cat")[0] == "\u2581the"
+    assert is_kenlm_binary(root / "ngram" / "ngram.binary")
+    assert (root / "ngram" / "ngram.arpa").is_file()
+    pieces = (root / "ngram" / "pieces.txt").read_text(encoding="utf-8").splitlines()
+    assert len(pieces) == 24 and all(p.startswith("\u2581") for p in pieces)
+    snapshot = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".json"}
+
+    _, lines = run()
+    assert _verdicts(lines) == {"corpus": "ready", "stats": "up to date", "spm": "up to date",
+                                "ngram": "up to date"}
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+
+    # A new vocabulary size remakes the tokenizer and the n-gram over its pieces only.
+    _, lines = run(vocab_size=30)
+    assert _verdicts(lines)["stats"] == "up to date"
+    assert _verdicts(lines)["spm"] == _verdicts(lines)["ngram"] == "made"
+
+    # A missing output is remade even though its inputs did not change.
+    (root / "ngram" / "ngram.binary").unlink()
+    _, lines = run(vocab_size=30)
+    assert _verdicts(lines) == {"corpus": "ready", "stats": "up to date", "spm": "up to date",
+                                "ngram": "made"}
+    assert is_kenlm_binary(root / "ngram" / "ngram.binary")
