@@ -10,12 +10,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-import torch
-
 PathLike = Union[str, os.PathLike]
 
 # Protocol 2 is what torch.load(weights_only=True) and the inference server read.
 PICKLE_PROTOCOL = 2
+
+
+def _default_mode() -> int:
+    """0o666 minus the process umask: what open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,6 +51,8 @@ def atomic_write(path: PathLike, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        os.chmod(tmp_name, _default_mode())
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -58,11 +65,15 @@ def atomic_write(path: PathLike, write_fn) -> None:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)`` with pickle protocol 2, atomically."""
+    import torch  # imported here so that commands writing only JSON or audio start fast
+
     atomic_write(path, lambda f: torch.save(obj, f, pickle_protocol=PICKLE_PROTOCOL))
 
 
 def torch_bytes(obj: Any) -> bytes:
     """Serialise ``obj`` as ``torch.save`` would write it (protocol 2)."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer, pickle_protocol=PICKLE_PROTOCOL)
     return buffer.getvalue()
