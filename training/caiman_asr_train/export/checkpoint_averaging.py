@@ -51,7 +51,8 @@ Outputs (written atomically). ``--output_path``: a training checkpoint (SPEC
 section 8): averaged ``state_dict`` and ``ema_state_dict`` (the averaged raw
 weights again when some input has no EMA), ``optimizer`` None, ``epoch``,
 ``step`` and ``best_wer`` of the newest input, ``tokenizer_kw`` of the first,
-``logmel_norm_weight`` (all inputs must agree), and ``averaging``: the inputs,
+``logmel_norm_weight`` (all inputs must agree), the newest input's ``config_path``
+and ``config_text`` when present, and ``averaging``: the inputs,
 their steps, WERs, WER sources and weights. It has no ``dev_wer``: nobody has
 measured the average yet. ``train.py --fine_tune`` and ``val.py`` read it like
 any checkpoint. ``--output_hw`` with ``--model_config``: a hardware checkpoint
@@ -365,8 +366,9 @@ def average_checkpoints(
             "ema_averaged": "ema_state_dict" in entries,
         },
     }
-    if "config_text" in newest_ckpt:
-        result["config_text"] = newest_ckpt["config_text"]
+    for key in ("config_path", "config_text"):  # which config trained the run, as train.py records it
+        if key in newest_ckpt:
+            result[key] = newest_ckpt[key]
     return result
 
 

@@ -179,6 +179,7 @@ def test_output_metadata_comes_from_the_newest_input(tmp_path, assets):
     new = save(tmp_path, assets, 1200, seed=2, epoch=12, best_wer=0.2, config_text="new")
     avg = ca.average_checkpoints([new, old], progress=False, log=quiet)
     assert (avg["epoch"], avg["step"], avg["best_wer"], avg["config_text"]) == (12, 1200, 0.2, "new")
+    assert avg["config_path"] is None  # as the Checkpointer wrote it
     assert avg["averaging"]["inputs"] == [str(new), str(old)]
     assert avg["averaging"]["steps"] == [1200, 900]
     assert "dev_wer" not in avg
@@ -312,6 +313,21 @@ def test_a_shape_mismatch_is_rejected_naming_the_file_and_key(tmp_path, assets):
     bad = write_raw(tmp_path / "bad.pt", ckpt["state_dict"], ema=ema)
     with pytest.raises(CheckpointError, match=r"bad\.pt: ema_state_dict\['joint_net\.2\.weight'\] has shape \[5, 8\]"):
         ca.average_checkpoints([good, bad], progress=False, log=quiet)
+
+
+def test_a_dtype_mismatch_is_rejected_naming_the_file_and_key(tmp_path):
+    a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.ones(2)))
+    b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.ones(2, dtype=torch.float16)))
+    with pytest.raises(CheckpointError, match=r"b\.pt: state_dict\['w'\] is torch.float16 but .*a\.pt has"):
+        ca.average_checkpoints([a, b], progress=False, log=quiet)
+
+
+def test_half_precision_inputs_are_averaged_in_float64_and_stay_half(tmp_path):
+    values = [torch.tensor(v, dtype=torch.float16) for v in ([1.0, 2048.0, 0.1], [2.0, 2052.0, 0.3])]
+    paths = [write_raw(tmp_path / f"{i}.pt", OrderedDict(w=v), step=i) for i, v in enumerate(values)]
+    avg = ca.average_checkpoints(paths, progress=False, log=quiet)["state_dict"]["w"]
+    assert avg.dtype == torch.float16
+    assert torch.equal(avg, ((values[0].double() + values[1].double()) / 2).half())
 
 
 def test_different_logmel_norm_weights_are_refused(tmp_path):
