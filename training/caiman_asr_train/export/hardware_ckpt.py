@@ -209,7 +209,9 @@ def _ngram(cfg: dict, skip_ngram: bool, override_ngram_path: Optional[PathLike])
         return {"binary": None, "scale_factor": None}
     section = cfg.get("ngram") or {}
     if "scale_factor" not in section or (override_ngram_path is None and "ngram_path" not in section):
-        raise HardwareCheckpointError(f"config has no ngram.ngram_path and ngram.scale_factor; add them, or {_NGRAM_HINT}")
+        raise HardwareCheckpointError(
+            f"config has no ngram.ngram_path and ngram.scale_factor; add them, or {_NGRAM_HINT}"
+        )
     try:
         if override_ngram_path is None:
             path = find_ngram(section["ngram_path"])
@@ -218,7 +220,9 @@ def _ngram(cfg: dict, skip_ngram: bool, override_ngram_path: Optional[PathLike])
         else:
             path = Path(override_ngram_path)
             if not path.is_file():
-                raise HardwareCheckpointError(f"n-gram {path} (--override_ngram_path) not found; give an existing KenLM binary")
+                raise HardwareCheckpointError(
+                    f"n-gram {path} (--override_ngram_path) not found; give an existing KenLM binary"
+                )
         binary = is_kenlm_binary(path)
     except DataError as exc:
         raise HardwareCheckpointError(str(exc)) from None

@@ -53,7 +53,8 @@ def test_round_trip_rebuilds_the_ema_model_exactly(export_env, hw, tmp_path):
     assert isinstance(ckpt, Checkpoint)
     model = ckpt.model
     assert type(model) is RNNT and not model.training and model.config.lstm == TorchConfig()
-    assert model.config.n_classes == spm.SentencePieceProcessor(model_file=str(export_env.spm_path)).get_piece_size() + 1
+    vocab_size = spm.SentencePieceProcessor(model_file=str(export_env.spm_path)).get_piece_size()
+    assert model.config.n_classes == vocab_size + 1
     assert next(model.parameters()).device == torch.device("cpu")
 
     reference = reference_model(export_env)

@@ -170,7 +170,12 @@ def export_env(tmp_path, spm_model, kenlm_files, mel_stats) -> SimpleNamespace:
         p.grad = torch.randn_like(p)
     optimizer.step()
     checkpointer = Checkpointer(tmp_path / "results")
-    tokenizer_kw = {"sentpiece_model": str(tmp_path / "spm/tiny.model"), "labels": [" ", "a"], "sampling": 0.0, "unk": "fail"}
+    tokenizer_kw = {
+        "sentpiece_model": str(tmp_path / "spm/tiny.model"),
+        "labels": [" ", "a"],
+        "sampling": 0.0,
+        "unk": "fail",
+    }
 
     def save(path: Path = None, **changes) -> Path:
         kwargs = dict(

@@ -313,7 +313,8 @@ def _distributed_worker(rank: int, directory: str, results: str) -> None:
         assert ckpt.last_checkpoint() == ckpt.step_path(7)
         other = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
         ckpt.load(ckpt.step_path(7), other)
-        same = all(torch.equal(a, b) for a, b in zip(model.module.state_dict().values(), other.module.state_dict().values()))
+        pairs = zip(model.module.state_dict().values(), other.module.state_dict().values())
+        same = all(torch.equal(a, b) for a, b in pairs)
         Path(results, f"rank{rank}").write_text(f"{written} {same}")
     finally:
         torch.distributed.destroy_process_group()

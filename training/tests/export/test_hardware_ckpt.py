@@ -119,16 +119,25 @@ def _remove(path: Path) -> None:
 
 # name -> (break the environment, words the one-line error must contain)
 REFUSALS = {
-    "norm_ramp_unfinished": (lambda env: env.save(logmel_norm_weight=0.5), ["logmel_norm_weight is 0.5", "--norm_ramp_end_step"]),
+    "norm_ramp_unfinished": (
+        lambda env: env.save(logmel_norm_weight=0.5),
+        ["logmel_norm_weight is 0.5", "--norm_ramp_end_step"],
+    ),
     "stats_dir_missing": (lambda env: _remove(env.stats_dir), ["stats", "does not exist", "generate_mel_stats"]),
     "stats_file_missing": (lambda env: _remove(env.stats_dir / "melvars.pt"), ["melvars.pt", "missing"]),
-    "sentencepiece_missing": (lambda env: _remove(env.spm_path), ["tiny.model", "tokenizer.sentpiece_model", "not found"]),
+    "sentencepiece_missing": (
+        lambda env: _remove(env.spm_path),
+        ["tiny.model", "tokenizer.sentpiece_model", "not found"],
+    ),
     "ngram_missing": (lambda env: _remove(env.ngram_dir), ["ngram", "generate_ngram.sh", "--skip_ngram"]),
     "ngram_renamed_text": (
         lambda env: (env.ngram_dir / "ngram.binary").write_text("this is not a language model\n"),
         ["ngram.binary", "not a KenLM binary", "build_binary"],
     ),
-    "ngram_arpa_only": (lambda env: _remove(env.ngram_dir / "ngram.binary"), ["ngram.arpa", "not a KenLM binary", "build_binary"]),
+    "ngram_arpa_only": (
+        lambda env: _remove(env.ngram_dir / "ngram.binary"),
+        ["ngram.arpa", "not a KenLM binary", "build_binary"],
+    ),
     "no_fpga_variant": (lambda env: None, ["match no FPGA-supported model", "--skip_state_dict_check"]),
 }
 
