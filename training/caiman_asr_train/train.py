@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip_ngram", action="store_true", help="export hardware checkpoints without the n-gram")
     run.add_argument("--num_gpus", type=int, default=1, help="processes (one per GPU; CPU processes use gloo); >1 relaunches through torchrun")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device (auto: CUDA when available)")
-    run.add_argument("--cpu_threads", type=int, default=0, help="torch threads per CPU training process (0: the machine's cores / processes)")
+    run.add_argument("--cpu_threads", type=int, default=0, help="torch threads per CPU training process (0: the machine's cores / processes, less --num_workers)")
     run.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per training process (0: load in the main process)")
     run.add_argument("--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)")
     return p
@@ -200,26 +200,46 @@ def _quiet_worker(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def train_batches(
-    items: TrainItems, sampler: BucketingSampler, start: int, seed: int, rank: int, num_workers: int
-) -> Iterator[Batch]:
-    """Micro-batches from position ``start`` on, forever (``sampler.advance`` is the caller's job)."""
+class TrainBatches:
+    """Micro-batches from sampler position ``start`` on, forever (``sampler.advance`` is the caller's job).
 
-    def keys() -> Iterator[list[tuple[int, int]]]:
-        for position, (_, indices) in enumerate(sampler.iter_from(start), start):
-            yield [(int(i), derive_seed(seed, Purpose.ITEM, position, rank, j)) for j, i in enumerate(indices)]
+    Workers ignore SIGINT/SIGTERM (stopping is the main process's decision), so
+    they cannot be terminated by a signal: ``close()`` (or the ``with`` block)
+    shuts them down, which also keeps interpreter exit from waiting on them.
+    """
 
-    loader = DataLoader(
-        items,
-        batch_sampler=keys(),
-        collate_fn=collate,
-        num_workers=num_workers,
-        worker_init_fn=_quiet_worker if num_workers else None,
-        # a private generator: the loader's base seed must not draw from the global one
-        generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if num_workers else None,
-    )
-    return iter(loader)
+    def __init__(self, items: "TrainItems", sampler: BucketingSampler, start: int, seed: int, rank: int, num_workers: int) -> None:
+        def keys() -> Iterator[list[tuple[int, int]]]:
+            for position, (_, indices) in enumerate(sampler.iter_from(start), start):
+                yield [(int(i), derive_seed(seed, Purpose.ITEM, position, rank, j)) for j, i in enumerate(indices)]
+
+        loader = DataLoader(
+            items,
+            batch_sampler=keys(),
+            collate_fn=collate,
+            num_workers=num_workers,
+            worker_init_fn=_quiet_worker if num_workers else None,
+            # a private generator: the loader's base seed must not draw from the global one
+            generator=torch.Generator().manual_seed(seed),
+            prefetch_factor=4 if num_workers else None,
+        )
+        self._iterator = iter(loader)
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        # the only public way to stop a DataLoader's workers is to drop its
+        # iterator; _shutdown_workers does it now rather than at garbage collection
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> "TrainBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_entries(manifests: Sequence[str], dataset_dir: str) -> list[dict]:
@@ -276,7 +296,6 @@ class Validator:
     standardize_wer: bool
     error_rate: str
     batch_size: int
-    num_workers: int
     device: torch.device
     dist: dist_utils.DistInfo
     seed: int
@@ -285,7 +304,9 @@ class Validator:
         """Returns (error rate as a fraction, reference words)."""
         was_training = model.training
         model.eval()
-        batches = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
+        # In-process loading: a dev set is small next to decoding it, and
+        # worker processes here would complicate shutdown on a signal.
+        batches = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate)
         result = evaluate(
             model,
             batches,
@@ -327,7 +348,9 @@ class Trainer:
         self.device = pick_device(args.device, info)
         if self.device.type == "cpu":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(args.cpu_threads or max(1, cores // info.local_world_size))
+            # Leave a core to each loader worker: OpenMP threads that share
+            # cores with other busy processes wait for each other at every op.
+            torch.set_num_threads(args.cpu_threads or max(1, cores // info.local_world_size - args.num_workers))
         self.amp = self.device.type == "cuda" and not args.no_amp
         self.output_dir = Path(args.output_dir)
         self.config_path = Path(args.model_config)
@@ -401,7 +424,6 @@ class Trainer:
             standardize_wer=bool(val_audio.get("standardize_wer", True)),
             error_rate=val_audio.get("error_rate", "word"),
             batch_size=args.val_batch_size,
-            num_workers=min(args.num_workers, 1),
             device=self.device,
             dist=info,
             seed=args.seed,
@@ -500,7 +522,7 @@ class Trainer:
         self.throughput.pause(time.perf_counter() - start)
         return wer
 
-    def train_step(self, batches: Iterator[Batch]) -> tuple[float, float, float]:
+    def train_step(self, batches: TrainBatches) -> tuple[float, float, float]:
         """One optimizer step over ``grad_accumulation_batches`` micro-batches.
 
         Returns (mean loss, gradient norm before clipping, audio seconds on this process).
@@ -548,11 +570,11 @@ class Trainer:
         if self.step >= args.training_steps:
             self.log.info(f"already at step {self.step} >= --training_steps {args.training_steps}; nothing to train")
         self.throughput = Throughput(self.step, args.training_steps)
-        batches = train_batches(self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers)
         self.model.train()
         last_val_step = -1
         stop_signal: Optional[int] = None
-        with PreemptionHandler() as preemption:
+        batches = TrainBatches(self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers)
+        with PreemptionHandler() as preemption, batches:
             loss_sum, loss_count = 0.0, 0
             while self.step < args.training_steps:
                 loss, grad_norm, audio_secs = self.train_step(batches)
@@ -573,7 +595,7 @@ class Trainer:
                     stop_signal = preemption.signum or 15
                     self.log.info(f"stopping at step {self.step} on request")
                     break
-            del batches
+            batches.close()
             self.save(self.last_wer if last_val_step == self.step else None, is_last=True)
             self.log.info(f"saved {self.checkpointer.last_path}")
             reason = "finished" if stop_signal is None else f"signal {stop_signal}"
