@@ -31,8 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as output_dir:
         argv = [*args.train_args, "--output_dir", output_dir]
-        train_args = train.build_parser().parse_args(argv)
-        train.check_args(train_args)
+        train_args = train.parse_args(argv)
         trainer = train.Trainer(train_args, argv, DistInfo())
         trainer.model.train()
         with train.TrainBatches(trainer.train_items, trainer.sampler, 0, train_args.seed, 0, train_args.num_workers) as batches:

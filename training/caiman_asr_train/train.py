@@ -34,40 +34,48 @@ import copy
 import json
 import math
 import os
+import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 
 from caiman_asr_train.core.errors import UserError
-from caiman_asr_train.data.dataset import AudioDataset, Batch, collate
+from caiman_asr_train.data.dataset import AudioDataset
 from caiman_asr_train.data.features import FeaturePipeline, SpeedPerturbation, load_mel_stats, norm_weight
-from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.data.sampler import BucketingSampler
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.evaluate.evaluator import evaluate
-from caiman_asr_train.evaluate.normalizers import standardize
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
 from caiman_asr_train.train_utils import distributed as dist_utils
-from caiman_asr_train.train_utils.callbacks import FinalizeCallback, FinalizeContext, HardwareExportCallback, run_finalize
+from caiman_asr_train.train_utils.callbacks import (
+    FinalizeCallback,
+    FinalizeContext,
+    HardwareExportCallback,
+    hw_path,
+    run_finalize,
+    shown_path,
+)
+from caiman_asr_train.train_utils.batches import TrainBatches, TrainItems, filter_train_entries, read_entries
 from caiman_asr_train.train_utils.ema import update_ema
 from caiman_asr_train.train_utils.logger import Throughput, TrainLogger, format_seconds
-from caiman_asr_train.train_utils.optim import build_optimizer
-from caiman_asr_train.train_utils.rng import Purpose, derive_seed, generator, get_rng_state, seed_item_rngs, set_rng_state
+from caiman_asr_train.train_utils.optim import OPTIMIZERS, build_optimizer
+from caiman_asr_train.train_utils.rng import Purpose, derive_seed, generator, get_rng_state, set_rng_state
 from caiman_asr_train.train_utils.schedule import grad_noise_std, learning_rate
 from caiman_asr_train.train_utils.signals import PreemptionHandler
+from caiman_asr_train.train_utils.validation import Validator
 from caiman_asr_train.utils.atomic import atomic_write
 from caiman_asr_train.utils.cli import run_cli
 
 MODEL_NAME = "RNN-T"
+# training/caiman_asr_train/train.py -> the repository root; default paths are
+# relative to it, so ./train.sh works from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_DEFAULTS = {"model_config": "training/configs/demo.yaml", "output_dir": "results", "dataset_dir": "datasets/demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("data and files")
-    io.add_argument("--model_config", default="training/configs/demo.yaml", help="YAML model config")
-    io.add_argument("--output_dir", default="results", help="where checkpoints, logs and TensorBoard files go")
-    io.add_argument("--dataset_dir", default="datasets/demo", help="directory manifests and their audio paths are relative to")
+    io.add_argument("--model_config", default=None, help=f"YAML model config (default: {REPO_DEFAULTS['model_config']} in the repository)")
+    io.add_argument("--output_dir", default=None, help=f"where checkpoints, logs and TensorBoard files go (default: {REPO_DEFAULTS['output_dir']} in the repository)")
+    io.add_argument("--dataset_dir", default=None, help=f"directory manifests and their audio paths are relative to (default: {REPO_DEFAULTS['dataset_dir']} in the repository)")
     io.add_argument("--train_manifests", nargs="+", default=["train.json"], help="training manifests (relative to --dataset_dir)")
     io.add_argument("--val_manifests", nargs="+", default=["dev.json"], help="validation manifests (relative to --dataset_dir)")
 
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--warmup_steps", type=int, default=150, help="linear warmup steps from 0 to --lr")
     sched.add_argument("--hold_steps", type=int, default=300, help="steps at --lr after warmup")
     sched.add_argument("--half_life_steps", type=float, default=300, help="steps for the learning rate to halve after hold (0: no decay)")
+    sched.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or lamb (apex FusedLAMB on CUDA when installed, else plain-PyTorch LAMB); see train_utils/optim.py")
     sched.add_argument("--weight_decay", type=float, default=1e-3, help="LAMB weight decay")
     sched.add_argument("--clip_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
     sched.add_argument("--ema", type=float, default=0.99, help="EMA decay d: ema = d*ema + (1-d)*model after every step")
@@ -120,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per training process (0: load in the main process)")
     run.add_argument("--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)")
     return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse and check ``argv``; unset paths become the demo's, in the repository."""
+    args = build_parser().parse_args(argv)
+    for name, relative in REPO_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, str(REPO_ROOT / relative))
+    check_args(args)
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -166,103 +185,6 @@ def pick_device(choice: str, info: dist_utils.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-class TrainItems(Dataset):
-    """Training utterances keyed by ``(index, seed)``: per-utterance randomness comes from the seed.
-
-    Speed perturbation and subword sampling draw from generators seeded with
-    the key's seed in whichever process loads the item, so the batches of a
-    step do not depend on DataLoader workers or on where a run resumed.
-    """
-
-    def __init__(self, dataset: AudioDataset, speed_perturbation: Optional[SpeedPerturbation]) -> None:
-        self.dataset = dataset
-        self.speed_perturbation = speed_perturbation
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        rng = seed_item_rngs(seed)
-        item = self.dataset[index]
-        if self.speed_perturbation is not None:
-            item["audio"] = self.speed_perturbation(item["audio"], rng)
-            item["duration"] = item["audio"].shape[0] / self.dataset.sample_rate
-        return item
-
-
-def _quiet_worker(_: int) -> None:
-    # Stop requests are the main process's business; a terminal's Ctrl-C also
-    # reaches the workers, which would otherwise report it twice.
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class TrainBatches:
-    """Micro-batches from sampler position ``start`` on, forever (``sampler.advance`` is the caller's job).
-
-    Workers ignore SIGINT/SIGTERM (stopping is the main process's decision), so
-    they cannot be terminated by a signal: ``close()`` (or the ``with`` block)
-    shuts them down, which also keeps interpreter exit from waiting on them.
-    """
-
-    def __init__(self, items: "TrainItems", sampler: BucketingSampler, start: int, seed: int, rank: int, num_workers: int) -> None:
-        def keys() -> Iterator[list[tuple[int, int]]]:
-            for position, (_, indices) in enumerate(sampler.iter_from(start), start):
-                yield [(int(i), derive_seed(seed, Purpose.ITEM, position, rank, j)) for j, i in enumerate(indices)]
-
-        loader = DataLoader(
-            items,
-            batch_sampler=keys(),
-            collate_fn=collate,
-            num_workers=num_workers,
-            worker_init_fn=_quiet_worker if num_workers else None,
-            # a private generator: the loader's base seed must not draw from the global one
-            generator=torch.Generator().manual_seed(seed),
-            prefetch_factor=4 if num_workers else None,
-        )
-        self._iterator = iter(loader)
-
-    def __next__(self) -> Batch:
-        return next(self._iterator)
-
-    def close(self) -> None:
-        # the only public way to stop a DataLoader's workers is to drop its
-        # iterator; _shutdown_workers does it now rather than at garbage collection
-        shutdown = getattr(self._iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-    def __enter__(self) -> "TrainBatches":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_entries(manifests: Sequence[str], dataset_dir: str) -> list[dict]:
-    return read_manifests([os.path.join(dataset_dir, m) for m in manifests], dataset_dir, check_files=True)
-
-
-def filter_train_entries(entries: list[dict], inp: dict) -> list[dict]:
-    """Drop utterances outside ``min_duration``/``max_duration`` or with transcripts longer than
-    ``max_transcript_len`` characters (an upper bound on their token count)."""
-    lo, hi, max_len = inp["min_duration"], inp["max_duration"], inp["max_transcript_len"]
-    kept = []
-    for entry in entries:
-        duration = float(entry["files"][0]["duration"])
-        if (lo is not None and duration < lo) or (hi is not None and duration > hi):
-            continue
-        if max_len is not None and len(entry["transcript"]) > max_len:
-            continue
-        kept.append(entry)
-    if inp["standardize_text"]:
-        kept = [{**entry, "transcript": standardize(entry["transcript"])} for entry in kept]
-    return kept
-
-
 class LossModule(torch.nn.Module):
     """``forward`` returns the model's loss, so DistributedDataParallel can wrap it."""
 
@@ -284,51 +206,9 @@ def refuse_used_output_dir(output_dir: Path) -> None:
         )
 
 
-@dataclass
-class Validator:
-    """Greedy WER of a model on this process's shard of the dev manifests, summed over processes."""
-
-    dataset: AudioDataset
-    pipeline: FeaturePipeline
-    tokenizer: Tokenizer
-    sample_rate: int
-    final_padding_secs: float
-    standardize_wer: bool
-    error_rate: str
-    batch_size: int
-    device: torch.device
-    dist: dist_utils.DistInfo
-    seed: int
-
-    def __call__(self, model: torch.nn.Module) -> tuple[float, int]:
-        """Returns (error rate as a fraction, reference words)."""
-        was_training = model.training
-        model.eval()
-        # In-process loading: a dev set is small next to decoding it, and
-        # worker processes here would complicate shutdown on a signal.
-        batches = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate)
-        result = evaluate(
-            model,
-            batches,
-            self.pipeline,
-            self.tokenizer,
-            sample_rate=self.sample_rate,
-            final_padding_secs=self.final_padding_secs,
-            standardize=self.standardize_wer,
-            error_rate=self.error_rate,
-            device=self.device,
-            progress=False,
-            generator=generator(derive_seed(self.seed, 0), self.device),
-        )
-        model.train(was_training)
-        errors, words = dist_utils.all_sum([result.errors, result.words], self.dist, self.device)
-        return (errors / words if words else float("nan")), int(words)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    check_args(args)
+    args = parse_args(argv)
     if args.num_gpus > 1 and not dist_utils.under_torchrun():
         return dist_utils.relaunch_with_torchrun(args.num_gpus, argv)
     device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -434,7 +314,7 @@ class Trainer:
         self.ema_model = copy.deepcopy(self.model).eval()
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
-        self.optimizer = build_optimizer(self.model.param_groups(args.lr), args.lr, args.weight_decay, self.device)
+        self.optimizer = build_optimizer(self.model.param_groups(args.lr), args.optimizer, args.lr, args.weight_decay, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         loss_module = LossModule(self.model)
         self.loss_module = (
@@ -600,10 +480,22 @@ class Trainer:
             self.log.info(f"saved {self.checkpointer.last_path}")
             reason = "finished" if stop_signal is None else f"signal {stop_signal}"
             status = run_finalize(self.finalize_callbacks(), self._finalize_context(reason))
+        if status == 0 and stop_signal is None:
+            self.log.info(f"validate the best hardware checkpoint with:\n  {self.val_command()}")
+        elif status == 0:
+            self.log.info("continue this run with --resume (and the same other arguments)")
         self.log.close()
         if status:
             return status
         return 0 if stop_signal is None else 128 + stop_signal
+
+    def val_command(self) -> str:
+        """The ./val.sh command that scores the best hardware checkpoint on this run's dev data."""
+        script = shown_path(REPO_ROOT / "val.sh")
+        parts = [script if "/" in script else f"./{script}", "--ckpt", shown_path(hw_path(self.checkpointer.best_path))]
+        if Path(self.args.dataset_dir).resolve() != (REPO_ROOT / REPO_DEFAULTS["dataset_dir"]).resolve() or self.args.val_manifests != ["dev.json"]:
+            parts += ["--dataset_dir", shown_path(self.args.dataset_dir), "--val_manifests", *map(shlex.quote, self.args.val_manifests)]
+        return " ".join(parts)
 
     def finalize_callbacks(self) -> list[FinalizeCallback]:
         return [HardwareExportCallback(skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check)]

@@ -29,6 +29,7 @@ from caiman_asr_train.core.decoder import greedy_decode
 from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
 from caiman_asr_train.data.dataset import collate
+from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.train_utils.distributed import DistInfo
@@ -198,12 +199,14 @@ def _assert_same_tensors(a, b, where: str) -> None:
         assert a == b, where
 
 
-def test_resumed_run_is_bitwise_identical_to_straight_run(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+def test_resumed_run_is_bitwise_identical_to_straight_run(corpus, tmp_path, optimizer):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train.main(run_args(corpus, straight, "--training_steps", "6")) == 0
-    assert train.main(run_args(corpus, split, "--training_steps", "3")) == 0
+    opt = ("--optimizer", optimizer)
+    assert train.main(run_args(corpus, straight, "--training_steps", "6", *opt)) == 0
+    assert train.main(run_args(corpus, split, "--training_steps", "3", *opt)) == 0
     # workers load data in other processes on resume: the batches must not change
-    assert train.main(run_args(corpus, split, "--training_steps", "6", "--resume", "--num_workers", "2")) == 0
+    assert train.main(run_args(corpus, split, "--training_steps", "6", "--resume", "--num_workers", "2", *opt)) == 0
 
     a = read_checkpoint(straight / "RNN-T_last_checkpoint.pt", mmap=False)
     b = read_checkpoint(split / "RNN-T_last_checkpoint.pt", mmap=False)
@@ -288,8 +291,7 @@ def test_two_process_gloo_run_has_one_writer(corpus, tmp_path):
 
 def _trainer(corpus: SimpleNamespace, output_dir: Path, *extra: str) -> "train.Trainer":
     argv = run_args(corpus, output_dir, *extra)
-    args = train.build_parser().parse_args(argv)
-    train.check_args(args)
+    args = train.parse_args(argv)
     return train.Trainer(args, argv, DistInfo())
 
 
@@ -298,8 +300,6 @@ def test_finalized_hardware_checkpoint_decodes_like_the_in_memory_ema_model(corp
     assert trainer.run() == 0
     hw = load_hw_checkpoint(tmp_path / "run/RNN-T_last_checkpoint.hw.pt")
     batch = collate([trainer.validator.dataset[i] for i in range(len(trainer.validator.dataset))])
-    from caiman_asr_train.data.features import FeaturePipeline, pad_audio
-
     audio, lens = pad_audio(batch.audio, batch.audio_lens, 0.24, SAMPLE_RATE)
     data = hw.data_config
     hw_pipeline = FeaturePipeline(data["filterbank_features"], data["frame_splicing"], data["melmeans"], data["melvars"]).eval()

@@ -14,7 +14,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.export import hardware_ckpt
@@ -40,7 +40,7 @@ def hw_path(ckpt_path: Path) -> Path:
     return ckpt_path.with_suffix(".hw.pt")
 
 
-def _shown(path: os.PathLike) -> str:
+def shown_path(path: Union[str, os.PathLike]) -> str:
     """A path as a user would type it here: relative to the cwd when inside it."""
     path = Path(path).absolute()
     try:
@@ -65,14 +65,14 @@ class HardwareExportCallback:
     def command(self, ckpt: Path, config: Path, output: Path) -> str:
         """The shell command that makes ``output`` from ``ckpt`` by hand."""
         parts = [
-            _shown(sys.executable),
-            _shown(hardware_ckpt.__file__),
+            shown_path(sys.executable),
+            shown_path(hardware_ckpt.__file__),
             "--ckpt",
-            _shown(ckpt),
+            shown_path(ckpt),
             "--config",
-            _shown(config),
+            shown_path(config),
             "--output_ckpt",
-            _shown(output),
+            shown_path(output),
         ]
         if self.skip_ngram:
             parts.append("--skip_ngram")
@@ -109,7 +109,7 @@ class HardwareExportCallback:
                 failed.append(ckpt)
                 continue
             self.written.append(output)
-            print(f"hardware checkpoint written: {_shown(output)}", flush=True)
+            print(f"hardware checkpoint written: {shown_path(output)}", flush=True)
         if failed:
             raise ExportFailed(f"hardware export failed for {', '.join(str(p) for p in failed)}")
 

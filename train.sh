@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Train an RNN-T and export its hardware checkpoints.
+#
+# With no arguments: set up the environment (first run only), make the demo
+# data (scripts/prepare_demo.sh; a no-op once done), train
+# training/configs/demo.yaml into results/ and write
+# results/RNN-T_{best,last}_checkpoint.hw.pt, then print the ./val.sh command
+# that scores the best one. Every argument goes to caiman_asr_train.train
+# (./train.sh --help). Examples:
+#   ./train.sh                                # the demo, end to end
+#   ./train.sh --resume                       # continue an interrupted run in results/
+#   ./train.sh --model_config training/configs/base-8703sp.yaml --dataset_dir /data/LibriSpeech \
+#       --train_manifests train.json --val_manifests dev.json --num_gpus 8 --global_batch_size 1024
+# Without --model_config the demo data is prepared first and the demo model,
+# which is not an FPGA variant, is exported with --skip_state_dict_check.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+started=$SECONDS
+
+source "$root/scripts/bootstrap.sh"
+caiman_bootstrap
+setup_s=$((SECONDS - started))
+
+demo=1
+for arg in "$@"; do
+    case "$arg" in
+        --model_config|--model_config=*) demo=0 ;;
+        -h|--help) exec "$PY" -m caiman_asr_train.train --help ;;
+    esac
+done
+
+data_s=0
+extra=()
+if [ "$demo" = 1 ]; then
+    "$root/scripts/prepare_demo.sh"
+    data_s=$((SECONDS - started - setup_s))
+    extra=(--skip_state_dict_check)
+fi
+
+# OpenMP threads that busy-wait stall badly when another process shares the
+# cores (a DataLoader worker, a second job); passive waiting costs nothing here.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+train_started=$SECONDS
+status=0
+"$PY" -m caiman_asr_train.train ${extra[@]+"${extra[@]}"} "$@" || status=$?
+echo "[train.sh] times: setup ${setup_s} s, demo data ${data_s} s, training and export $((SECONDS - train_started)) s, total $((SECONDS - started)) s"
+exit "$status"
