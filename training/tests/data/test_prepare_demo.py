@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[3]
 WORDS = "the a cat dog sat ran on under table garden red green blue house car it's".split()
 
 
-def _tiny_corpus(dataset_dir, progress: bool = True) -> dict:
+def _tiny_corpus(dataset_dir, num_train: int = 0, progress: bool = True) -> dict:
     """Stand-in for make_demo_corpus: 24 utterances of noise with random sentences."""
     dataset_dir = Path(dataset_dir)
     if (dataset_dir / "train.json").is_file():
@@ -32,7 +32,7 @@ def _tiny_corpus(dataset_dir, progress: bool = True) -> dict:
     rng = random.Random(0)
     noise = np.random.default_rng(0)
     entries = []
-    for i in range(24):
+    for i in range(24):  # a stand-in corpus: num_train is accepted and ignored
         fname = f"audio/train/{i:03d}.flac"
         audio = (0.1 * noise.standard_normal(8000 + 400 * i)).astype(np.float32)
         (dataset_dir / fname).parent.mkdir(parents=True, exist_ok=True)
