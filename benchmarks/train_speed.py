@@ -34,7 +34,9 @@ def main() -> None:
         train_args = train.parse_args(argv)
         trainer = train.Trainer(train_args, argv, DistInfo())
         trainer.model.train()
-        with train.TrainBatches(trainer.train_items, trainer.sampler, 0, train_args.seed, 0, train_args.num_workers) as batches:
+        with train.TrainBatches(
+            trainer.train_items, trainer.sampler, 0, train_args.seed, 0, train_args.num_workers
+        ) as batches:
             for _ in range(args.warmup):
                 trainer.train_step(batches)
             audio = 0.0
@@ -49,7 +51,9 @@ def main() -> None:
         f"(batch {train_args.global_batch_size}, {torch.get_num_threads()} threads, "
         f"{cpu / elapsed:.2f} CPU s per s in the main process)"
     )
-    print(f"{train_args.training_steps} steps would take {train_args.training_steps / steps_per_sec / 60:.1f} min of training steps")
+    print(
+        f"{train_args.training_steps} steps would take {train_args.training_steps / steps_per_sec / 60:.1f} min of training steps"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Train an RNN-T: EMA, validation, crash-safe checkpoints, exact resume, and hardware export at the end.
 
-From the repository root (the defaults train the built-in demo):
+From the repository root:
 
-    ./train.sh                                   # bootstrap, demo data, train, export
+    ./train.sh                                   # the demo: bootstrap, data, train, export
     python training/caiman_asr_train/train.py --model_config training/configs/base-8703sp.yaml \\
         --dataset_dir /data/LibriSpeech --train_manifests train-clean-100.json \\
         --val_manifests dev-clean.json --num_gpus 8 --global_batch_size 1024 ...
@@ -75,59 +75,202 @@ MODEL_NAME = "RNN-T"
 # training/caiman_asr_train/train.py -> the repository root; default paths are
 # relative to it, so ./train.sh works from any directory.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REPO_DEFAULTS = {"model_config": "training/configs/demo.yaml", "output_dir": "results", "dataset_dir": "datasets/demo"}
+REPO_DEFAULTS = {
+    "model_config": "training/configs/demo.yaml",
+    "output_dir": "results",
+    "dataset_dir": "datasets/demo",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # Unset defaults (None) are explained in the help text itself.
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line. Defaults train the built-in demo from the repository root."""
+    """The command line.
+
+    Paths default to the built-in demo's; the schedule defaults suit full-size
+    GPU runs (upstream-like LAMB at batch 1024, EMA 0.999). ``./train.sh``
+    passes the demo's short CPU schedule (``DEMO_ARGS`` there).
+    """
     p = argparse.ArgumentParser(
         description="Train an RNN-T and export hardware checkpoints when training ends.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     io = p.add_argument_group("data and files")
-    io.add_argument("--model_config", default=None, help=f"YAML model config (default: {REPO_DEFAULTS['model_config']} in the repository)")
-    io.add_argument("--output_dir", default=None, help=f"where checkpoints, logs and TensorBoard files go (default: {REPO_DEFAULTS['output_dir']} in the repository)")
-    io.add_argument("--dataset_dir", default=None, help=f"directory manifests and their audio paths are relative to (default: {REPO_DEFAULTS['dataset_dir']} in the repository)")
-    io.add_argument("--train_manifests", nargs="+", default=["train.json"], help="training manifests (relative to --dataset_dir)")
-    io.add_argument("--val_manifests", nargs="+", default=["dev.json"], help="validation manifests (relative to --dataset_dir)")
+    io.add_argument(
+        "--model_config",
+        default=None,
+        help=f"YAML model config (default: {REPO_DEFAULTS['model_config']} in the repository)",
+    )
+    io.add_argument(
+        "--output_dir",
+        default=None,
+        help=f"where checkpoints, logs and TensorBoard files go (default: {REPO_DEFAULTS['output_dir']} in the repository)",
+    )
+    io.add_argument(
+        "--dataset_dir",
+        default=None,
+        help=f"directory manifests and their audio paths are relative to (default: {REPO_DEFAULTS['dataset_dir']} in the repository)",
+    )
+    io.add_argument(
+        "--train_manifests",
+        nargs="+",
+        default=["train.json"],
+        help="training manifests (relative to --dataset_dir)",
+    )
+    io.add_argument(
+        "--val_manifests",
+        nargs="+",
+        default=["dev.json"],
+        help="validation manifests (relative to --dataset_dir)",
+    )
 
     sched = p.add_argument_group("schedule and optimizer")
-    sched.add_argument("--training_steps", type=int, default=1500, help="optimizer steps to train for (in total, across resumes)")
-    sched.add_argument("--global_batch_size", type=int, default=32, help="utterances per optimizer step, over all processes and micro-batches")
-    sched.add_argument("--grad_accumulation_batches", type=int, default=1, help="micro-batches per optimizer step (each global_batch_size / this / processes utterances per process)")
-    sched.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (LAMB)")
-    sched.add_argument("--min_lr", type=float, default=4e-4, help="floor of the exponential decay")
-    sched.add_argument("--warmup_steps", type=int, default=150, help="linear warmup steps from 0 to --lr")
-    sched.add_argument("--hold_steps", type=int, default=300, help="steps at --lr after warmup")
-    sched.add_argument("--half_life_steps", type=float, default=300, help="steps for the learning rate to halve after hold (0: no decay)")
-    sched.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or lamb (apex FusedLAMB on CUDA when installed, else plain-PyTorch LAMB); see train_utils/optim.py")
-    sched.add_argument("--weight_decay", type=float, default=1e-3, help="LAMB weight decay")
-    sched.add_argument("--clip_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
-    sched.add_argument("--ema", type=float, default=0.99, help="EMA decay d: ema = d*ema + (1-d)*model after every step")
-    sched.add_argument("--seed", type=int, default=1, help="seeds initialisation, data order and all augmentation")
-    sched.add_argument("--norm_ramp_start_step", type=int, default=0, help="step where the per-utterance to dataset normalisation ramp starts")
-    sched.add_argument("--norm_ramp_end_step", type=int, default=0, help="step from which only dataset normalisation is used")
-    sched.add_argument("--no_amp", action="store_true", help="train in float32 on CUDA too (AMP is never used on CPU)")
+    sched.add_argument(
+        "--training_steps",
+        type=int,
+        default=50000,
+        help="optimizer steps to train for (in total, across resumes)",
+    )
+    sched.add_argument(
+        "--global_batch_size",
+        type=int,
+        default=1024,
+        help="utterances per optimizer step, over all processes and micro-batches",
+    )
+    sched.add_argument(
+        "--grad_accumulation_batches",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (each global_batch_size / this / processes utterances per process)",
+    )
+    sched.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    sched.add_argument("--min_lr", type=float, default=4e-5, help="floor of the exponential decay")
+    sched.add_argument("--warmup_steps", type=int, default=1500, help="linear warmup steps from 0 to --lr")
+    sched.add_argument("--hold_steps", type=int, default=10000, help="steps at --lr after warmup")
+    sched.add_argument(
+        "--half_life_steps",
+        type=float,
+        default=5000,
+        help="steps for the learning rate to halve after hold (0: no decay)",
+    )
+    sched.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="lamb",
+        help="lamb (apex FusedLAMB on CUDA when installed, else the same update in plain PyTorch) or adamw; see train_utils/optim.py",
+    )
+    sched.add_argument(
+        "--weight_decay", type=float, default=1e-3, help="decoupled weight decay (both optimizers)"
+    )
+    sched.add_argument(
+        "--clip_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)"
+    )
+    sched.add_argument(
+        "--ema", type=float, default=0.999, help="EMA decay d: ema = d*ema + (1-d)*model after every step"
+    )
+    sched.add_argument(
+        "--seed", type=int, default=1, help="seeds initialisation, data order and all augmentation"
+    )
+    sched.add_argument(
+        "--norm_ramp_start_step",
+        type=int,
+        default=0,
+        help="step where the per-utterance to dataset normalisation ramp starts",
+    )
+    sched.add_argument(
+        "--norm_ramp_end_step", type=int, default=0, help="step from which only dataset normalisation is used"
+    )
+    sched.add_argument(
+        "--no_amp", action="store_true", help="train in float32 on CUDA too (AMP is never used on CPU)"
+    )
 
     val = p.add_argument_group("validation, checkpoints and logs")
-    val.add_argument("--val_frequency", type=int, default=500, help="validate the EMA model every N steps (also at step 1 and at the end; 0: only then)")
-    val.add_argument("--val_batch_size", type=int, default=64, help="utterances per validation batch (per process)")
-    val.add_argument("--val_final_padding_secs", type=float, default=0.24, help="seconds of silence appended to each validation utterance, as the server does")
-    val.add_argument("--save_frequency", type=int, default=500, help="save RNN-T_step{N}_checkpoint.pt every N steps (0: never)")
-    val.add_argument("--keep_last_n", type=int, default=None, help="keep only the newest N step checkpoints (best and last are always kept)")
-    val.add_argument("--log_frequency", type=int, default=25, help="print and log training metrics every N steps")
+    val.add_argument(
+        "--val_frequency",
+        type=int,
+        default=1000,
+        help="validate the EMA model every N steps (also at step 1 and at the end; 0: only then)",
+    )
+    val.add_argument(
+        "--val_batch_size", type=int, default=64, help="utterances per validation batch (per process)"
+    )
+    val.add_argument(
+        "--val_final_padding_secs",
+        type=float,
+        default=0.24,
+        help="seconds of silence appended to each validation utterance, as the server does",
+    )
+    val.add_argument(
+        "--save_frequency",
+        type=int,
+        default=5000,
+        help="save RNN-T_step{N}_checkpoint.pt every N steps (0: never)",
+    )
+    val.add_argument(
+        "--keep_last_n",
+        type=int,
+        default=None,
+        help="keep only the newest N step checkpoints (best and last are always kept; default: keep all)",
+    )
+    val.add_argument(
+        "--log_frequency", type=int, default=100, help="print and log training metrics every N steps"
+    )
 
     run = p.add_argument_group("run control")
-    run.add_argument("--resume", action="store_true", help="continue from --ckpt or the newest valid checkpoint in --output_dir (weights, EMA, optimizer, schedule, RNG and data position)")
-    run.add_argument("--fine_tune", action="store_true", help="start from the weights and EMA of --ckpt with a fresh schedule and optimizer")
-    run.add_argument("--ckpt", default=None, help="training checkpoint for --resume or --fine_tune")
-    run.add_argument("--skip_state_dict_check", action="store_true", help="export hardware checkpoints of models that are not FPGA variants (software use only; the demo needs it)")
-    run.add_argument("--skip_ngram", action="store_true", help="export hardware checkpoints without the n-gram")
-    run.add_argument("--num_gpus", type=int, default=1, help="processes (one per GPU; CPU processes use gloo); >1 relaunches through torchrun")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device (auto: CUDA when available)")
-    run.add_argument("--cpu_threads", type=int, default=0, help="torch threads per CPU training process (0: the machine's cores / processes, less --num_workers)")
-    run.add_argument("--num_workers", type=int, default=1, help="DataLoader worker processes per training process (0: load in the main process)")
-    run.add_argument("--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --ckpt or the newest valid checkpoint in --output_dir (weights, EMA, optimizer, schedule, RNG and data position)",
+    )
+    run.add_argument(
+        "--fine_tune",
+        action="store_true",
+        help="start from the weights and EMA of --ckpt with a fresh schedule and optimizer",
+    )
+    run.add_argument(
+        "--ckpt",
+        default=None,
+        help="training checkpoint for --resume (default: the newest in --output_dir) or --fine_tune",
+    )
+    run.add_argument(
+        "--skip_state_dict_check",
+        action="store_true",
+        help="export hardware checkpoints of models that are not FPGA variants (software use only; the demo needs it)",
+    )
+    run.add_argument(
+        "--skip_ngram", action="store_true", help="export hardware checkpoints without the n-gram"
+    )
+    run.add_argument(
+        "--num_gpus",
+        type=int,
+        default=1,
+        help="processes (one per GPU; CPU processes use gloo); >1 relaunches through torchrun",
+    )
+    run.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="training device (auto: CUDA when available)",
+    )
+    run.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=0,
+        help="torch threads per CPU training process (0: the machine's cores / processes, less --num_workers)",
+    )
+    run.add_argument(
+        "--num_workers",
+        type=int,
+        default=1,
+        help="DataLoader worker processes per training process (0: load in the main process)",
+    )
+    run.add_argument(
+        "--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)"
+    )
     return p
 
 
@@ -143,11 +286,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject inconsistent flags with a one-line message."""
-    positive = ("training_steps", "global_batch_size", "grad_accumulation_batches", "val_batch_size", "log_frequency", "num_gpus")
+    positive = (
+        "training_steps",
+        "global_batch_size",
+        "grad_accumulation_batches",
+        "val_batch_size",
+        "log_frequency",
+        "num_gpus",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("val_frequency", "save_frequency", "warmup_steps", "hold_steps", "num_workers", "cpu_threads"):
+    for name in (
+        "val_frequency",
+        "save_frequency",
+        "warmup_steps",
+        "hold_steps",
+        "num_workers",
+        "cpu_threads",
+    ):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.ema < 1.0:
@@ -157,7 +314,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.norm_ramp_end_step < args.norm_ramp_start_step:
         raise UserError("--norm_ramp_end_step must be >= --norm_ramp_start_step")
     if args.resume and args.fine_tune:
-        raise UserError("--resume and --fine_tune exclude each other: resume continues a run, fine_tune starts a new one")
+        raise UserError(
+            "--resume and --fine_tune exclude each other: resume continues a run, fine_tune starts a new one"
+        )
     if args.fine_tune and not args.ckpt:
         raise UserError("--fine_tune needs --ckpt (the checkpoint whose weights to start from)")
     if args.ckpt and not (args.resume or args.fine_tune):
@@ -211,7 +370,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.num_gpus > 1 and not dist_utils.under_torchrun():
         return dist_utils.relaunch_with_torchrun(args.num_gpus, argv)
-    device_type = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device_type = (
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     info = dist_utils.init_distributed(device_type)
     try:
         return Trainer(args, argv, info).run()
@@ -227,10 +388,14 @@ class Trainer:
         self.dist = info
         self.device = pick_device(args.device, info)
         if self.device.type == "cpu":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            cores = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            )
             # Leave a core to each loader worker: OpenMP threads that share
             # cores with other busy processes wait for each other at every op.
-            torch.set_num_threads(args.cpu_threads or max(1, cores // info.local_world_size - args.num_workers))
+            torch.set_num_threads(
+                args.cpu_threads or max(1, cores // info.local_world_size - args.num_workers)
+            )
         self.amp = self.device.type == "cuda" and not args.no_amp
         self.output_dir = Path(args.output_dir)
         self.config_path = Path(args.model_config)
@@ -241,7 +406,9 @@ class Trainer:
         if args.resume:
             resume_path = Path(args.ckpt) if args.ckpt else self.checkpointer.last_checkpoint()
             if resume_path is None:
-                raise UserError(f"--resume: no checkpoint in {self.output_dir}; pass --ckpt or start without --resume")
+                raise UserError(
+                    f"--resume: no checkpoint in {self.output_dir}; pass --ckpt or start without --resume"
+                )
         elif self.output_dir.is_dir():
             refuse_used_output_dir(self.output_dir)
         if info.is_main:
@@ -253,12 +420,28 @@ class Trainer:
         self.tokenizer = Tokenizer(tok_cfg["sentpiece_model"], sampling=tok_cfg["sampling"])
         self.tokenizer_kw = {**tok_cfg, "unk": "fail"}
         train_inp, val_inp = config.input(self.cfg, "train"), config.input(self.cfg, "val")
-        melmeans, melvars, _ = load_mel_stats(train_inp["filterbank_features"]["stats_path"], train_inp["filterbank_features"]["n_filt"])
-        self.train_pipeline = FeaturePipeline(
-            train_inp["filterbank_features"], train_inp["frame_splicing"], melmeans, melvars, train_inp["spec_augment"]
-        ).to(self.device).train()
-        val_means, val_vars, _ = load_mel_stats(val_inp["filterbank_features"]["stats_path"], val_inp["filterbank_features"]["n_filt"])
-        val_pipeline = FeaturePipeline(val_inp["filterbank_features"], val_inp["frame_splicing"], val_means, val_vars).to(self.device).eval()
+        melmeans, melvars, _ = load_mel_stats(
+            train_inp["filterbank_features"]["stats_path"], train_inp["filterbank_features"]["n_filt"]
+        )
+        self.train_pipeline = (
+            FeaturePipeline(
+                train_inp["filterbank_features"],
+                train_inp["frame_splicing"],
+                melmeans,
+                melvars,
+                train_inp["spec_augment"],
+            )
+            .to(self.device)
+            .train()
+        )
+        val_means, val_vars, _ = load_mel_stats(
+            val_inp["filterbank_features"]["stats_path"], val_inp["filterbank_features"]["n_filt"]
+        )
+        val_pipeline = (
+            FeaturePipeline(val_inp["filterbank_features"], val_inp["frame_splicing"], val_means, val_vars)
+            .to(self.device)
+            .eval()
+        )
         self.sample_rate = int(train_inp["audio_dataset"]["sample_rate"])
 
         dataset_kw = dict(
@@ -269,7 +452,9 @@ class Trainer:
         )
         all_train = read_entries(args.train_manifests, args.dataset_dir)
         train_entries = filter_train_entries(all_train, train_inp)
-        self.log.info(f"training utterances: {len(train_entries)} of {len(all_train)} (after duration/length filters)")
+        self.log.info(
+            f"training utterances: {len(train_entries)} of {len(all_train)} (after duration/length filters)"
+        )
         train_dataset = AudioDataset(
             train_entries,
             args.dataset_dir,
@@ -278,14 +463,18 @@ class Trainer:
             sample_tokens=tok_cfg["sampling"] > 0,
             **dataset_kw,
         )
-        speed = SpeedPerturbation(**train_inp["speed_perturbation"]) if train_inp["speed_perturbation"] else None
+        speed = (
+            SpeedPerturbation(**train_inp["speed_perturbation"]) if train_inp["speed_perturbation"] else None
+        )
         self.train_items = TrainItems(train_dataset, speed)
         self.batch_size = local_batch_size(args, info.world_size)
         self.sampler = BucketingSampler(
             train_dataset.durations, self.batch_size, args.seed, args.num_buckets, info.rank, info.world_size
         )
 
-        val_entries = sorted(read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"])
+        val_entries = sorted(
+            read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"]
+        )
         val_audio = val_inp["audio_dataset"]
         self.validator = Validator(
             dataset=AudioDataset(
@@ -314,16 +503,24 @@ class Trainer:
         self.ema_model = copy.deepcopy(self.model).eval()
         for p in self.ema_model.parameters():
             p.requires_grad_(False)
-        self.optimizer = build_optimizer(self.model.param_groups(args.lr), args.optimizer, args.lr, args.weight_decay, self.device)
+        self.optimizer = build_optimizer(
+            self.model.param_groups(args.lr), args.optimizer, args.lr, args.weight_decay, self.device
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         loss_module = LossModule(self.model)
         self.loss_module = (
-            DistributedDataParallel(loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            DistributedDataParallel(
+                loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             if info.distributed
             else loss_module
         )
         noise = self.cfg.get("grad_noise_scheduler") or {}
-        self.grad_noise = (float(noise.get("noise_level", 0.0)), float(noise.get("decay_const", 0.55)), int(noise.get("start_step", 0)))
+        self.grad_noise = (
+            float(noise.get("noise_level", 0.0)),
+            float(noise.get("decay_const", 0.55)),
+            int(noise.get("start_step", 0)),
+        )
 
         self.step = 0
         self.best_wer = math.inf
@@ -348,7 +545,9 @@ class Trainer:
         if state.get("data_state") is not None:
             self.sampler.load_state_dict(state["data_state"])
         else:
-            self.log.info(f"{path} has no data position; continuing at micro-batch {self.step * self.args.grad_accumulation_batches}")
+            self.log.info(
+                f"{path} has no data position; continuing at micro-batch {self.step * self.args.grad_accumulation_batches}"
+            )
             self.sampler.consumed = self.step * self.args.grad_accumulation_batches
         if state.get("rng_state") is not None:
             set_rng_state(state["rng_state"])
@@ -415,8 +614,12 @@ class Trainer:
             batch = next(batches).to(self.device, non_blocking=True)
             self.sampler.advance()
             audio_secs += float(batch.audio_lens.sum()) / self.sample_rate
-            features_gen = generator(derive_seed(args.seed, Purpose.FEATURES, step, self.dist.rank, micro), self.device)
-            x, x_lens = self.train_pipeline(batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen)
+            features_gen = generator(
+                derive_seed(args.seed, Purpose.FEATURES, step, self.dist.rank, micro), self.device
+            )
+            x, x_lens = self.train_pipeline(
+                batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen
+            )
             torch.manual_seed(derive_seed(args.seed, Purpose.DROPOUT, step, self.dist.rank, micro))
             sync = self.dist.distributed and micro < accumulate - 1
             with self.loss_module.no_sync() if sync else contextlib.nullcontext():
@@ -426,13 +629,20 @@ class Trainer:
             total_loss += float(loss.detach())
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_norm if args.clip_norm > 0 else math.inf))
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(params, args.clip_norm if args.clip_norm > 0 else math.inf)
+        )
         std = grad_noise_std(step, *self.grad_noise)
         if std > 0:
             noise_gen = generator(derive_seed(args.seed, Purpose.GRAD_NOISE, step), self.device)
             for p in params:
-                p.grad.add_(torch.randn(p.grad.shape, generator=noise_gen, device=p.device, dtype=p.grad.dtype), alpha=std)
-        lr = learning_rate(step, args.lr, args.min_lr, args.warmup_steps, args.hold_steps, args.half_life_steps)
+                p.grad.add_(
+                    torch.randn(p.grad.shape, generator=noise_gen, device=p.device, dtype=p.grad.dtype),
+                    alpha=std,
+                )
+        lr = learning_rate(
+            step, args.lr, args.min_lr, args.warmup_steps, args.hold_steps, args.half_life_steps
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
         if self.amp or math.isfinite(grad_norm):
@@ -448,12 +658,16 @@ class Trainer:
     def run(self) -> int:
         args = self.args
         if self.step >= args.training_steps:
-            self.log.info(f"already at step {self.step} >= --training_steps {args.training_steps}; nothing to train")
+            self.log.info(
+                f"already at step {self.step} >= --training_steps {args.training_steps}; nothing to train"
+            )
         self.throughput = Throughput(self.step, args.training_steps)
         self.model.train()
         last_val_step = -1
         stop_signal: Optional[int] = None
-        batches = TrainBatches(self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers)
+        batches = TrainBatches(
+            self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers
+        )
         with PreemptionHandler() as preemption, batches:
             loss_sum, loss_count = 0.0, 0
             while self.step < args.training_steps:
@@ -464,7 +678,11 @@ class Trainer:
                     self._log_progress(loss_sum / loss_count, grad_norm)
                     loss_sum, loss_count = 0.0, 0
                 dev_wer = None
-                if self.step == 1 or (args.val_frequency and self.step % args.val_frequency == 0) or self.step == args.training_steps:
+                if (
+                    self.step == 1
+                    or (args.val_frequency and self.step % args.val_frequency == 0)
+                    or self.step == args.training_steps
+                ):
                     dev_wer = self.validate()
                     last_val_step = self.step
                 if args.save_frequency and self.step % args.save_frequency == 0:
@@ -492,13 +710,28 @@ class Trainer:
     def val_command(self) -> str:
         """The ./val.sh command that scores the best hardware checkpoint on this run's dev data."""
         script = shown_path(REPO_ROOT / "val.sh")
-        parts = [script if "/" in script else f"./{script}", "--ckpt", shown_path(hw_path(self.checkpointer.best_path))]
-        if Path(self.args.dataset_dir).resolve() != (REPO_ROOT / REPO_DEFAULTS["dataset_dir"]).resolve() or self.args.val_manifests != ["dev.json"]:
-            parts += ["--dataset_dir", shown_path(self.args.dataset_dir), "--val_manifests", *map(shlex.quote, self.args.val_manifests)]
+        parts = [
+            script if "/" in script else f"./{script}",
+            "--ckpt",
+            shown_path(hw_path(self.checkpointer.best_path)),
+        ]
+        if Path(self.args.dataset_dir).resolve() != (
+            REPO_ROOT / REPO_DEFAULTS["dataset_dir"]
+        ).resolve() or self.args.val_manifests != ["dev.json"]:
+            parts += [
+                "--dataset_dir",
+                shown_path(self.args.dataset_dir),
+                "--val_manifests",
+                *map(shlex.quote, self.args.val_manifests),
+            ]
         return " ".join(parts)
 
     def finalize_callbacks(self) -> list[FinalizeCallback]:
-        return [HardwareExportCallback(skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check)]
+        return [
+            HardwareExportCallback(
+                skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check
+            )
+        ]
 
     def _finalize_context(self, reason: str) -> FinalizeContext:
         return FinalizeContext(

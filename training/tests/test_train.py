@@ -89,14 +89,18 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
     (root / "spm").mkdir()
     (root / "spm/tiny.model").write_bytes(buffer.getvalue())
     features = dict(
-        normalize="per_feature", sample_rate=SAMPLE_RATE, window_size=0.02, window_stride=0.01,
-        window="hann", n_fft=512, n_filt=N_FILT, dither=1e-5,
+        normalize="per_feature",
+        sample_rate=SAMPLE_RATE,
+        window_size=0.02,
+        window_stride=0.01,
+        window="hann",
+        n_fft=512,
+        n_filt=N_FILT,
+        dither=1e-5,
     )
     save_mel_stats(root / "stats", *compute_mel_stats(manifests["train"], root, features, progress=False))
     config_path = root / "config.yaml"
-    config_path.write_text(
-        textwrap.dedent(
-            f"""\
+    config_path.write_text(textwrap.dedent(f"""\
             tokenizer:
               sentpiece_model: spm/tiny.model
               labels: [" ", "a", "b", "c", "d", "e", "f"]
@@ -152,32 +156,47 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
             ngram:
               ngram_path: ngram
               scale_factor: 0.05
-            """
-        )
-    )
+            """))
     return SimpleNamespace(root=root, config=config_path, manifests=manifests)
 
 
 def run_args(corpus: SimpleNamespace, output_dir: Path, *extra: str) -> list[str]:
     """train.py arguments for a few quick steps on the tiny corpus."""
     return [
-        "--model_config", str(corpus.config),
-        "--dataset_dir", str(corpus.root),
-        "--output_dir", str(output_dir),
-        "--global_batch_size", "4",
-        "--grad_accumulation_batches", "2",
-        "--lr", "5e-3",
-        "--min_lr", "1e-4",
-        "--warmup_steps", "2",
-        "--hold_steps", "1",
-        "--half_life_steps", "2",
-        "--ema", "0.9",
-        "--val_frequency", "0",
-        "--save_frequency", "2",
-        "--log_frequency", "1",
-        "--num_workers", "0",
-        "--cpu_threads", "1",
-        "--num_buckets", "2",
+        "--model_config",
+        str(corpus.config),
+        "--dataset_dir",
+        str(corpus.root),
+        "--output_dir",
+        str(output_dir),
+        "--global_batch_size",
+        "4",
+        "--grad_accumulation_batches",
+        "2",
+        "--lr",
+        "5e-3",
+        "--min_lr",
+        "1e-4",
+        "--warmup_steps",
+        "2",
+        "--hold_steps",
+        "1",
+        "--half_life_steps",
+        "2",
+        "--ema",
+        "0.9",
+        "--val_frequency",
+        "0",
+        "--save_frequency",
+        "2",
+        "--log_frequency",
+        "1",
+        "--num_workers",
+        "0",
+        "--cpu_threads",
+        "1",
+        "--num_buckets",
+        "2",
         "--skip_ngram",
         "--skip_state_dict_check",
         *extra,
@@ -206,7 +225,10 @@ def test_resumed_run_is_bitwise_identical_to_straight_run(corpus, tmp_path, opti
     assert train.main(run_args(corpus, straight, "--training_steps", "6", *opt)) == 0
     assert train.main(run_args(corpus, split, "--training_steps", "3", *opt)) == 0
     # workers load data in other processes on resume: the batches must not change
-    assert train.main(run_args(corpus, split, "--training_steps", "6", "--resume", "--num_workers", "2", *opt)) == 0
+    assert (
+        train.main(run_args(corpus, split, "--training_steps", "6", "--resume", "--num_workers", "2", *opt))
+        == 0
+    )
 
     a = read_checkpoint(straight / "RNN-T_last_checkpoint.pt", mmap=False)
     b = read_checkpoint(split / "RNN-T_last_checkpoint.pt", mmap=False)
@@ -265,7 +287,11 @@ def test_sigterm_saves_last_checkpoint_and_exports_both_hardware_checkpoints(cor
 
 def test_two_process_gloo_run_has_one_writer(corpus, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, str(TRAIN_SCRIPT), *run_args(corpus, out, "--training_steps", "3", "--num_gpus", "2", "--device", "cpu")]
+    command = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        *run_args(corpus, out, "--training_steps", "3", "--num_gpus", "2", "--device", "cpu"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "torch.distributed.run" in result.stdout
@@ -302,7 +328,9 @@ def test_finalized_hardware_checkpoint_decodes_like_the_in_memory_ema_model(corp
     batch = collate([trainer.validator.dataset[i] for i in range(len(trainer.validator.dataset))])
     audio, lens = pad_audio(batch.audio, batch.audio_lens, 0.24, SAMPLE_RATE)
     data = hw.data_config
-    hw_pipeline = FeaturePipeline(data["filterbank_features"], data["frame_splicing"], data["melmeans"], data["melvars"]).eval()
+    hw_pipeline = FeaturePipeline(
+        data["filterbank_features"], data["frame_splicing"], data["melmeans"], data["melvars"]
+    ).eval()
     x, x_lens = trainer.validator.pipeline(audio, lens, generator=torch.Generator().manual_seed(5))
     hw_x, hw_lens = hw_pipeline(audio, lens, generator=torch.Generator().manual_seed(5))
     assert torch.equal(x, hw_x) and torch.equal(x_lens, hw_lens)
@@ -342,8 +370,12 @@ def test_refuses_an_output_dir_with_checkpoints_unless_resuming(corpus, tmp_path
 def test_fine_tune_loads_weights_and_ema_with_a_fresh_schedule(corpus, tmp_path):
     assert train.main(run_args(corpus, tmp_path / "first", "--training_steps", "2")) == 0
     source = read_checkpoint(tmp_path / "first/RNN-T_last_checkpoint.pt")
-    trainer = _trainer(corpus, tmp_path / "second", "--fine_tune", "--ckpt", str(tmp_path / "first/RNN-T_last_checkpoint.pt"))
+    trainer = _trainer(
+        corpus, tmp_path / "second", "--fine_tune", "--ckpt", str(tmp_path / "first/RNN-T_last_checkpoint.pt")
+    )
     assert trainer.step == 0 and trainer.sampler.consumed == 0 and not trainer.optimizer.state
     _assert_same_tensors(dict(trainer.model.state_dict()), dict(source["state_dict"]), "state_dict")
-    _assert_same_tensors(dict(trainer.ema_model.state_dict()), dict(source["ema_state_dict"]), "ema_state_dict")
+    _assert_same_tensors(
+        dict(trainer.ema_model.state_dict()), dict(source["ema_state_dict"]), "ema_state_dict"
+    )
     trainer.log.close()

@@ -7,7 +7,7 @@ speed perturbation and subword sampling are the same whichever process loads
 the utterance and wherever a run was resumed.
 """
 
-import os
+import atexit
 import signal
 from typing import Iterator, Optional, Sequence
 
@@ -24,7 +24,7 @@ from caiman_asr_train.train_utils.rng import Purpose, derive_seed, seed_item_rng
 
 def read_entries(manifests: Sequence[str], dataset_dir: str) -> list[dict]:
     """Entries of ``manifests`` (paths relative to ``dataset_dir``); every audio file must exist."""
-    return read_manifests([os.path.join(dataset_dir, m) for m in manifests], dataset_dir, check_files=True)
+    return read_manifests(manifests, dataset_dir, check_files=True)
 
 
 def filter_train_entries(entries: list[dict], inp: dict) -> list[dict]:
@@ -79,15 +79,28 @@ def _quiet_worker(_: int) -> None:
 class TrainBatches:
     """Micro-batches from sampler position ``start`` on, forever (``sampler.advance`` is the caller's job).
 
-    Workers ignore SIGINT/SIGTERM (stopping is the main process's decision), so
-    they cannot be terminated by a signal: ``close()`` (or the ``with`` block)
-    shuts them down, which also keeps interpreter exit from waiting on them.
+    Workers ignore SIGINT/SIGTERM: stopping is the main process's decision, and
+    a worker killed mid-step by a signal sent to the whole process group would
+    make the DataLoader raise in the middle of saving the last checkpoint. So
+    ``close()`` (the ``with`` block, or at the latest interpreter exit, before
+    multiprocessing would wait for them) shuts the workers down.
     """
 
-    def __init__(self, items: "TrainItems", sampler: BucketingSampler, start: int, seed: int, rank: int, num_workers: int) -> None:
+    def __init__(
+        self,
+        items: "TrainItems",
+        sampler: BucketingSampler,
+        start: int,
+        seed: int,
+        rank: int,
+        num_workers: int,
+    ) -> None:
         def keys() -> Iterator[list[tuple[int, int]]]:
             for position, (_, indices) in enumerate(sampler.iter_from(start), start):
-                yield [(int(i), derive_seed(seed, Purpose.ITEM, position, rank, j)) for j, i in enumerate(indices)]
+                yield [
+                    (int(i), derive_seed(seed, Purpose.ITEM, position, rank, j))
+                    for j, i in enumerate(indices)
+                ]
 
         loader = DataLoader(
             items,
@@ -100,11 +113,13 @@ class TrainBatches:
             prefetch_factor=4 if num_workers else None,
         )
         self._iterator = iter(loader)
+        atexit.register(self.close)
 
     def __next__(self) -> Batch:
         return next(self._iterator)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         # the only public way to stop a DataLoader's workers is to drop its
         # iterator; _shutdown_workers does it now rather than at garbage collection
         shutdown = getattr(self._iterator, "_shutdown_workers", None)

@@ -86,7 +86,10 @@ class HardwareExportCallback:
         failed = []
         for ckpt in (ctx.best_path, ctx.last_path):
             if not ckpt.is_file():
-                print(f"hardware export: {ckpt} does not exist (no validation improved on it); skipped", flush=True)
+                print(
+                    f"hardware export: {ckpt} does not exist (no validation improved on it); skipped",
+                    flush=True,
+                )
                 continue
             output = hw_path(ckpt)
             try:
@@ -98,7 +101,11 @@ class HardwareExportCallback:
                 )
                 hardware_ckpt.save_hardware_ckpt(hw, output)
             except Exception as exc:  # noqa: BLE001 - report every failure, keep going
-                reason = str(exc) if isinstance(exc, UserError) else "".join(traceback.format_exception_only(exc)).strip()
+                reason = (
+                    str(exc)
+                    if isinstance(exc, UserError)
+                    else "".join(traceback.format_exception_only(exc)).strip()
+                )
                 print(
                     f"error: hardware export of {ckpt} failed: {reason}\n"
                     f"  the training checkpoint is intact; fix the cause and rerun:\n"

@@ -40,7 +40,9 @@ class Lamb(torch.optim.Optimizer):
         weight_decay: float = 0.01,
     ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid LAMB hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
+            raise ValueError(
+                f"invalid LAMB hyperparameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}"
+            )
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -87,7 +89,12 @@ def build_optimizer(
     """``name`` "lamb" (apex FusedLAMB on CUDA when importable, else ``Lamb``) or "adamw"."""
     if name == "adamw":
         return torch.optim.AdamW(
-            param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=device.type == "cuda"
+            param_groups,
+            lr=lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=weight_decay,
+            fused=device.type == "cuda",
         )
     if name != "lamb":
         raise ValueError(f"unknown optimizer {name!r}; use one of {OPTIMIZERS}")

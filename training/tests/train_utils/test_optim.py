@@ -56,11 +56,15 @@ def test_trust_ratio_makes_the_step_proportional_to_the_weight_norm():
 @pytest.mark.parametrize("name, cls", [("lamb", Lamb), ("adamw", torch.optim.AdamW)])
 def test_state_dict_round_trip_on_cpu(name, cls):
     model = torch.nn.Linear(3, 2)
-    opt = build_optimizer([{"params": list(model.parameters()), "lr": 0.1}], name, 0.1, 0.01, torch.device("cpu"))
+    opt = build_optimizer(
+        [{"params": list(model.parameters()), "lr": 0.1}], name, 0.1, 0.01, torch.device("cpu")
+    )
     assert type(opt) is cls
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    clone = build_optimizer([{"params": list(model.parameters()), "lr": 0.1}], name, 0.1, 0.01, torch.device("cpu"))
+    clone = build_optimizer(
+        [{"params": list(model.parameters()), "lr": 0.1}], name, 0.1, 0.01, torch.device("cpu")
+    )
     clone.load_state_dict(opt.state_dict())
     for p in model.parameters():
         for key in ("step", "exp_avg", "exp_avg_sq"):

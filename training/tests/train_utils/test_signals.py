@@ -9,8 +9,7 @@ import pytest
 
 from caiman_asr_train.train_utils.signals import PreemptionHandler
 
-CHILD = textwrap.dedent(
-    """
+CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from caiman_asr_train.train_utils.signals import PreemptionHandler
     with PreemptionHandler() as handler:
@@ -20,13 +19,14 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.{name})
         time.sleep(5)
         print("still running", flush=True)
-    """
-)
+    """)
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_first_signal_requests_a_stop_and_second_exits_immediately(name):
-    result = subprocess.run([sys.executable, "-c", CHILD.format(name=name)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD.format(name=name)], capture_output=True, text=True, timeout=60
+    )
     signum = int(getattr(signal, name))
     assert result.stdout.splitlines() == [f"stop requested: True {signum}"]
     assert result.returncode == 128 + signum
