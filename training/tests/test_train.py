@@ -315,6 +315,19 @@ def test_two_process_gloo_run_has_one_writer(corpus, tmp_path):
     assert read_checkpoint(out / "RNN-T_last_checkpoint.pt")["data_state"]["global_batch"] == 2
 
 
+def test_failed_export_under_two_processes_exits_non_zero_without_hanging(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    args = run_args(corpus, out, "--training_steps", "2", "--num_gpus", "2", "--device", "cpu")
+    args.remove("--skip_state_dict_check")
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *args], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("the training checkpoint is intact") == 2
+    assert read_checkpoint(out / "RNN-T_last_checkpoint.pt")["step"] == 2
+    assert not list(out.glob("*.hw.pt"))
+
+
 def _trainer(corpus: SimpleNamespace, output_dir: Path, *extra: str) -> "train.Trainer":
     argv = run_args(corpus, output_dir, *extra)
     args = train.parse_args(argv)
