@@ -576,7 +576,7 @@ class Trainer:
             best_wer=self.best_wer,
             tokenizer_kw=self.tokenizer_kw,
             logmel_norm_weight=self.norm_weight(),
-            config_path=str(self.config_path),
+            config_path=str(self.config_path.resolve()),
             dev_wer=dev_wer,
             rng_state=get_rng_state(),
             data_state=self.sampler.state_dict(),
