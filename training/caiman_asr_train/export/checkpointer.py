@@ -146,15 +146,20 @@ class Checkpointer:
     def last_path(self) -> Path:
         return self.save_dir / f"{self.model_name}_last_checkpoint.pt"
 
+    def step_of(self, name: str) -> Optional[int]:
+        """The step of a step-checkpoint file name (``RNN-T_step200_checkpoint.pt`` -> 200), else None."""
+        match = self._step_re.fullmatch(name)
+        return int(match.group(1)) if match else None
+
     def step_files(self) -> list[tuple[int, Path]]:
         """``(step, path)`` of every step checkpoint in ``save_dir``, oldest first."""
         if not self.save_dir.is_dir():
             return []
         found = []
         for path in self.save_dir.iterdir():
-            match = self._step_re.fullmatch(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
+            step = self.step_of(path.name)
+            if step is not None:
+                found.append((step, path))
         return sorted(found)
 
     def save(
