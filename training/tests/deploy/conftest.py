@@ -1,0 +1,156 @@
+"""Real tiny artefacts for the export tests: eSpeak NG speech, a SentencePiece model, mel statistics
+measured on that speech, a seeded model and the hardware checkpoint made from them.
+
+tests/runtime/conftest.py re-exports these fixtures.
+"""
+
+import io
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import soundfile
+import torch
+import yaml
+
+from caiman_asr_train.core.model import RNNT, ConfigRNNT
+from caiman_asr_train.data.features import FilterbankFeatures
+from caiman_asr_train.data.manifest import manifest_entry, write_manifest
+from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt
+from caiman_asr_train.rnnt import config
+
+try:
+    from caiman_asr_train.recipes.demo import speaker_settings, synthesize
+except ImportError:  # the demo corpus maker before it moved into recipes/
+    from caiman_asr_train.data.make_datasets.demo import speaker_settings, synthesize
+
+N_FILT = 20
+SAMPLE_RATE = 16000
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran after the red ball",
+    "she sells sea shells by the shore",
+    "we went to the market to buy bread",
+]
+FEATURES = {
+    "normalize": "per_feature",
+    "sample_rate": SAMPLE_RATE,
+    "window_size": 0.025,
+    "window_stride": 0.01,
+    "window": "hann",
+    "n_fft": 512,
+    "n_filt": N_FILT,
+    "dither": 0.0,
+}
+MODEL = {
+    "in_feats": 3 * N_FILT,
+    "enc_n_hid": 24,
+    "enc_pre_rnn_layers": 2,
+    "enc_post_rnn_layers": 1,
+    "enc_stack_time_factor": 2,
+    "pred_n_hid": 16,
+    "pred_rnn_layers": 2,
+    "joint_n_hid": 20,
+}
+
+
+def _config() -> dict:
+    """A small valid config; paths are relative to the YAML file (spm/, stats/)."""
+    return {
+        "tokenizer": {"sentpiece_model": "spm/tiny.model", "labels": [" ", "a", "b", "c"], "sampling": 0.0},
+        "input_val": {
+            "audio_dataset": {
+                "sample_rate": SAMPLE_RATE,
+                "trim_silence": False,
+                "normalize_transcripts": "lowercase",
+                "standardize_wer": True,
+                "replacements": None,
+                "remove_tags": True,
+                "error_rate": "word",
+            },
+            "filterbank_features": {**FEATURES, "stats_path": "stats"},
+            "frame_splicing": {"frame_stacking": 3, "frame_subsampling": 3},
+        },
+        "rnnt": MODEL,
+    }
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> SimpleNamespace:
+    """The SENTENCES spoken by eSpeak NG, as FLAC files with a manifest (dev.json) and as arrays."""
+    directory = tmp_path_factory.mktemp("speech")
+    audio, entries = [], []
+    for index, text in enumerate(SENTENCES):
+        samples = synthesize(text, speaker_settings(7, "dev", index))
+        fname = f"audio/dev_{index}.flac"
+        (directory / "audio").mkdir(exist_ok=True)
+        soundfile.write(directory / fname, samples, SAMPLE_RATE, subtype="PCM_16")
+        # what a reader of the FLAC gets back
+        audio.append(soundfile.read(directory / fname, dtype="float32")[0])
+        entries.append(manifest_entry(text, fname, len(samples)))
+    write_manifest(entries, directory / "dev.json")
+    return SimpleNamespace(dir=directory, manifest=directory / "dev.json", audio=audio, texts=SENTENCES)
+
+
+@pytest.fixture(scope="session")
+def tiny_hw(tmp_path_factory, speech) -> SimpleNamespace:
+    """A hardware-checkpoint dict of a seeded model, built by ``create_hardware_ckpt`` from real files.
+
+    The mel statistics are measured on ``speech``; the weights are scaled up so
+    that the model emits many symbols (a demanding test of greedy decoding).
+    """
+    run = tmp_path_factory.mktemp("run")
+    (run / "spm").mkdir()
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 8),
+        model_writer=buffer,
+        vocab_size=30,
+        model_type="unigram",
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    (run / "spm/tiny.model").write_bytes(buffer.getvalue())
+    n_classes = spm.SentencePieceProcessor(model_proto=buffer.getvalue()).get_piece_size() + 1
+
+    front_end = FilterbankFeatures(**FEATURES)
+    logmels = [
+        front_end(torch.from_numpy(a)[None], torch.tensor([len(a)]))[0][0].double() for a in speech.audio
+    ]
+    frames = torch.cat(logmels, dim=1)
+    (run / "stats").mkdir()
+    torch.save(frames.mean(1).float(), run / "stats/melmeans.pt")
+    torch.save(frames.var(1, unbiased=False).float(), run / "stats/melvars.pt")
+    torch.save(torch.tensor([float(frames.shape[1])]), run / "stats/meln.pt")
+
+    (run / "config.yaml").write_text(yaml.safe_dump(_config()))
+    torch.manual_seed(0)
+    model = RNNT(ConfigRNNT(n_classes=n_classes, weights_init_scale=2.0, **MODEL)).eval()
+    training = {
+        "ema_state_dict": model.state_dict(),
+        "epoch": 1,
+        "step": 42,
+        "best_wer": 0.5,
+        "logmel_norm_weight": 1.0,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "software use only": not an FPGA variant
+        hw = create_hardware_ckpt(
+            training, config.load(run / "config.yaml"), skip_ngram=True, skip_state_dict_check=True
+        )
+    return SimpleNamespace(
+        hw=hw,
+        weights={name: tensor.numpy() for name, tensor in hw["state_dict"].items()},
+        features=FEATURES,
+        model=model,
+        config_path=run / "config.yaml",
+        run_dir=run,
+        training=training,
+    )
