@@ -42,7 +42,9 @@ class BucketingSampler:
         durations: seconds per utterance (the manifest's, no audio is read).
         batch_size: utterances per micro-batch on this rank.
         seed: fixes every epoch's order.
-        num_buckets: duration buckets per epoch; 1 means plain shuffling.
+        num_buckets: duration buckets per epoch; 1 means plain shuffling. Fewer
+            are used when the data holds fewer than ``num_buckets`` global
+            micro-batches.
         rank, world_size: this process's shard of every global micro-batch.
 
     Iterating yields ``(epoch, index_list)`` pairs forever, starting at the
@@ -67,7 +69,6 @@ class BucketingSampler:
         self.durations = np.asarray(durations, dtype=np.float64)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self.num_buckets = max(1, int(num_buckets))
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.global_batch = self.batch_size * self.world_size
@@ -76,6 +77,9 @@ class BucketingSampler:
                 f"the training manifests hold {len(self.durations)} usable utterances, fewer than "
                 f"one global micro-batch ({self.global_batch}); lower --global_batch_size or add data"
             )
+        # Every bucket must hold a whole global micro-batch, or a small data set
+        # would have utterances enough for a batch but zero batches per epoch.
+        self.num_buckets = max(1, min(int(num_buckets), len(self.durations) // self.global_batch))
         self.batches_per_epoch = self._count_batches()
         self.consumed = 0
         self._epoch_cache: tuple[int, list[np.ndarray]] = (-1, [])
