@@ -33,6 +33,7 @@ from caiman_asr_train.core.export_schema import (
     TokenizerSchema,
 )
 from caiman_asr_train.core.model import RNNT, ConfigRNNT, TorchConfig
+from caiman_asr_train.core.quantized import dequantize_checkpoint, is_quantized_checkpoint
 
 PathLike = Union[str, Path]
 
@@ -139,6 +140,9 @@ def _corrupt_message(path: Path) -> str:
 def load_hw_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Read, validate and rebuild the hardware checkpoint at ``path``.
 
+    A weight-quantized ``*.q.pt`` (``core.quantized``) loads the same way, its
+    weights dequantized to float32.
+
     The model's ``n_classes`` is the embedded SentencePiece vocabulary size + 1
     (blank last); it must agree with the rows of ``joint_net.2.weight``.
 
@@ -148,6 +152,8 @@ def load_hw_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu")
             weights do not fit the stored config.
     """
     hw = read_checkpoint(path, mmap=True)
+    if is_quantized_checkpoint(hw):
+        hw = dequantize_checkpoint(hw, str(path))
     rnnt_config = validate_hw_checkpoint(hw, str(path))
     model_cfg = rnnt_config["rnnt"]
 
