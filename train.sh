@@ -56,8 +56,8 @@ fi
 # OpenMP threads that busy-wait stall badly when another process shares the
 # cores (a DataLoader worker, a second job); passive waiting costs nothing here.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-train_started=$SECONDS
-status=0
-"$PY" -m caiman_asr_train.train ${extra[@]+"${extra[@]}"} "$@" || status=$?
-echo "[train.sh] times: setup ${setup_s} s, demo data ${data_s} s, training and export $((SECONDS - train_started)) s, total $((SECONDS - started)) s"
-exit "$status"
+echo "[train.sh] set-up ${setup_s} s, demo data ${data_s} s; training starts"
+# exec: train.py (and its launcher, which forwards SIGTERM/SIGINT to every
+# rank) takes this process's place, so a signal to train.sh reaches training
+# directly and nothing outlives it.
+exec "$PY" -m caiman_asr_train.train ${extra[@]+"${extra[@]}"} "$@"

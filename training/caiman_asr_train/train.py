@@ -62,6 +62,7 @@ from caiman_asr_train.train_utils.callbacks import (
 )
 from caiman_asr_train.train_utils.batches import TrainBatches, TrainItems, filter_train_entries, read_entries
 from caiman_asr_train.train_utils.ema import update_ema
+from caiman_asr_train.train_utils.launcher import launch_local_processes
 from caiman_asr_train.train_utils.logger import Throughput, TrainLogger, format_seconds
 from caiman_asr_train.train_utils.optim import OPTIMIZERS, build_optimizer
 from caiman_asr_train.train_utils.rng import Purpose, derive_seed, generator, get_rng_state, set_rng_state
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_gpus",
         type=int,
         default=1,
-        help="processes (one per GPU; CPU processes use gloo); >1 relaunches through torchrun",
+        help="processes (one per GPU; CPU ones use gloo); >1 starts one per device as torchrun --standalone would",
     )
     run.add_argument(
         "--device",
@@ -369,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.num_gpus > 1 and not dist_utils.under_torchrun():
-        return dist_utils.relaunch_with_torchrun(args.num_gpus, argv)
+        return launch_local_processes(args.num_gpus, argv)
     device_type = (
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     )

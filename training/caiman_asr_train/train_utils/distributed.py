@@ -1,16 +1,13 @@
-"""torch.distributed set-up: one process per device, started by torchrun.
+"""torch.distributed set-up: one process per device.
 
-``--num_gpus N`` (N > 1) re-runs the same command under
-``python -m torch.distributed.run --standalone --nproc_per_node N``; a command
-already running under torchrun (multi-node: start it yourself with torchrun's
-``--nnodes``, ``--node_rank``, ``--rdzv_endpoint`` ...) is detected from the
+The processes come from ``--num_gpus N`` (train_utils/launcher.py) or from
+torchrun (multi-node: start it yourself with torchrun's ``--nnodes``,
+``--node_rank``, ``--rdzv_endpoint`` ...); either way they are recognised by the
 ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` environment variables. NCCL joins GPU
 processes, gloo CPU ones.
 """
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -41,31 +38,6 @@ class DistInfo:
 def under_torchrun() -> bool:
     """True when torchrun (or a compatible launcher) started this process."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def relaunch_with_torchrun(num_procs: int, argv: Sequence[str]) -> int:
-    """Run ``python -m torch.distributed.run --standalone --nproc_per_node N <this script> argv``.
-
-    Returns torchrun's exit status. The children see the same arguments; they
-    detect torchrun through the environment and do not relaunch again.
-    """
-    script = os.path.abspath(sys.modules["__main__"].__file__ or "")
-    if not script.endswith(".py") or not os.path.isfile(script):
-        # started as `python -m caiman_asr_train.train` or a console script
-        script_args = ["-m", "caiman_asr_train.train"]
-    else:
-        script_args = [script]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={num_procs}",
-        *script_args,
-        *argv,
-    ]
-    print("launching: " + " ".join(command), flush=True)
-    return subprocess.call(command)
 
 
 def init_distributed(device_type: str) -> DistInfo:
