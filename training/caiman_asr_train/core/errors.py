@@ -29,3 +29,7 @@ class CheckpointError(UserError):
 
 class HardwareCheckpointError(CheckpointError):
     """A hardware checkpoint cannot be created from the given inputs."""
+
+
+class ExportError(UserError):
+    """An inference export cannot be written: output in the way, bad options, or a failed WER gate."""
