@@ -4,15 +4,19 @@
 # already on PATH, as in a Docker image that ships KenLM).
 #
 # The C++ source comes from the `kenlm` source distribution on PyPI, which holds
-# the full KenLM tree. Needs cmake, a C++ compiler and the Boost/zlib/bzip2/lzma
+# the full KenLM tree; only that is compiled (its build requirements are never
+# built). The Python `kenlm` module is not built here: it comes prebuilt from
+# the `ufal-kenlm` wheel (training's `lm` extra, part of `dev`). Needs cmake, a C++ compiler and the Boost/zlib/bzip2/lzma
 # development packages; as root they are installed with apt-get, otherwise the
 # script names them and stops.
 #
 # Environment: PY (Python whose pip downloads the source; default python3),
-# KENLM_JOBS (parallel compile jobs; default 2).
+# KENLM_VERSION (the PyPI kenlm release; default 0.3.0), KENLM_JOBS (parallel
+# compile jobs; default 2).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KENLM_VERSION="${KENLM_VERSION:-0.3.0}"
 bin_dir="$root/tools/kenlm/bin"
 targets=(lmplz build_binary)
 
@@ -106,8 +110,18 @@ fail() {
 }
 
 started=$SECONDS
-log "downloading the kenlm source distribution with ${PY:-python3} -m pip"
-"${PY:-python3}" -m pip download -q --no-deps --no-binary :all: kenlm -d "$work/sdist" >>"$build_log" 2>&1 \
+py="${PY:-python3}"
+# Only the kenlm sdist is wanted, never a build of it: `--no-binary kenlm`
+# (not `:all:`, which would also compile its build requirements, CMake
+# included, from source), and pip's metadata step runs in this Python when it
+# has setuptools (no isolated build environment to fill); otherwise pip fetches
+# those build requirements as wheels.
+download_args=(download -q --no-deps --no-binary kenlm -d "$work/sdist")
+if "$py" -c "import setuptools" >/dev/null 2>&1; then
+    download_args+=(--no-build-isolation)
+fi
+log "downloading the kenlm ${KENLM_VERSION} source distribution with $py -m pip"
+"$py" -m pip "${download_args[@]}" "kenlm==${KENLM_VERSION}" >>"$build_log" 2>&1 \
     || fail "pip could not download the kenlm source distribution"
 sdist="$(find "$work/sdist" -maxdepth 1 -name 'kenlm-*.tar.gz' | head -n 1)"
 [ -n "$sdist" ] || fail "pip downloaded no kenlm-*.tar.gz"
