@@ -77,7 +77,9 @@ def dequantize_checkpoint(ckpt: Mapping, source: str = "quantized checkpoint") -
             f"{source}: key '{QUANTIZATION_KEY}' must be a dict whose 'type' is one of {sorted(BITS)}; {_HINT}"
         )
     bits, block_size = BITS[record["type"]], record.get("block_size")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
         raise CheckpointError(f"{source}: quantization.block_size must be a positive int or None; {_HINT}")
     entries = ckpt.get(QUANTIZED_STATE_DICT_KEY)
     if not isinstance(entries, Mapping):
@@ -87,8 +89,12 @@ def dequantize_checkpoint(ckpt: Mapping, source: str = "quantized checkpoint") -
         if isinstance(entry, Tensor):
             state_dict[name] = entry
         else:
-            state_dict[name] = _dequantize_entry(entry, bits, block_size, f"{source}: {QUANTIZED_STATE_DICT_KEY}.{name}")
-    hw = {key: value for key, value in ckpt.items() if key not in (QUANTIZATION_KEY, QUANTIZED_STATE_DICT_KEY)}
+            state_dict[name] = _dequantize_entry(
+                entry, bits, block_size, f"{source}: {QUANTIZED_STATE_DICT_KEY}.{name}"
+            )
+    hw = {
+        key: value for key, value in ckpt.items() if key not in (QUANTIZATION_KEY, QUANTIZED_STATE_DICT_KEY)
+    }
     hw["state_dict"] = state_dict
     return hw
 
@@ -101,12 +107,16 @@ def _dequantize_entry(entry: object, bits: int, block_size: Optional[int], where
         and isinstance(entry.get("shape"), (list, tuple))
         and len(entry["shape"]) == 2
     ):
-        raise CheckpointError(f"{where} must be a float tensor or {{'q', 'scale', 'shape': [rows, cols]}}; {_HINT}")
+        raise CheckpointError(
+            f"{where} must be a float tensor or {{'q', 'scale', 'shape': [rows, cols]}}; {_HINT}"
+        )
     rows, cols = (int(n) for n in entry["shape"])
     q, scale = entry["q"], entry["scale"]
     if bits == 4:
         if q.dtype != torch.uint8 or q.numel() != (rows * cols + 1) // 2:
-            raise CheckpointError(f"{where}.q must be {(rows * cols + 1) // 2} packed uint8 int4 pairs; {_HINT}")
+            raise CheckpointError(
+                f"{where}.q must be {(rows * cols + 1) // 2} packed uint8 int4 pairs; {_HINT}"
+            )
         q = unpack_int4(q, rows * cols).view(rows, cols)
     elif q.dtype != torch.int8 or tuple(q.shape) != (rows, cols):
         raise CheckpointError(f"{where}.q must be int8 of shape [{rows}, {cols}]; {_HINT}")
