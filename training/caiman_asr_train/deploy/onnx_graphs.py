@@ -9,7 +9,6 @@ that passes ``onnx.checker``. ``layout`` selects the input and output layout:
 """
 
 from collections.abc import Mapping
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -55,7 +54,7 @@ class GraphBuilder:
         """An int64 1-D initializer (axes, shapes, pads)."""
         return self.const(self.fresh("ints"), np.asarray(values, dtype=np.int64))
 
-    def op(self, op_type: str, inputs: list, n_outputs: int = 1, out: Optional[list] = None, **attrs):
+    def op(self, op_type: str, inputs: list, n_outputs: int = 1, out: list | None = None, **attrs):
         """Add a node; returns its output name (or the list of names when ``n_outputs > 1``)."""
         outputs = out or [self.fresh(op_type.lower()) for _ in range(n_outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outputs, **attrs))
@@ -98,7 +97,7 @@ class GraphBuilder:
         c_n = c_out[0] if layers == 1 else self.op("Concat", c_out, axis=0)
         return x, h_n, c_n
 
-    def model(self, metadata: Optional[Mapping[str, str]] = None) -> onnx.ModelProto:
+    def model(self, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="caiman_asr_train"
@@ -202,9 +201,9 @@ def encoder_graph(
     frame_splicing: Mapping,
     *,
     layout: str = "bundle",
-    melmeans: Optional[np.ndarray] = None,
-    melvars: Optional[np.ndarray] = None,
-    metadata: Optional[Mapping[str, str]] = None,
+    melmeans: np.ndarray | None = None,
+    melvars: np.ndarray | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> onnx.ModelProto:
     """Frame splicing, pre-RNN, StackTime and post-RNN on a chunk of log-mel frames.
 

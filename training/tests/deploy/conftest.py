@@ -8,23 +8,24 @@ import io
 import warnings
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 import soundfile
 import torch
 import yaml
 
-from caiman_asr_train.core.model import RNNT, ConfigRNNT
+from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.features import FilterbankFeatures
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
-from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt
+from caiman_asr_train.export.checkpointer import Checkpointer
+from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 from caiman_asr_train.rnnt import config
+from caiman_asr_train.rnnt.model import RNNT as TrainingRNNT
 
 try:
-    from caiman_asr_train.recipes.demo import speaker_settings, synthesize
+    from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
 except ImportError:  # the demo corpus maker before it moved into recipes/
-    from caiman_asr_train.data.make_datasets.demo import speaker_settings, synthesize
+    from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
 
 N_FILT = 20
 SAMPLE_RATE = 16000
@@ -53,13 +54,19 @@ MODEL = {
     "pred_n_hid": 16,
     "pred_rnn_layers": 2,
     "joint_n_hid": 20,
+    # larger than default weights, so that the seeded model emits many symbols
+    "weights_init_scale": 2.0,
 }
 
 
 def _config() -> dict:
     """A small valid config; paths are relative to the YAML file (spm/, stats/)."""
     return {
-        "tokenizer": {"sentpiece_model": "spm/tiny.model", "labels": [" ", "a", "b", "c"], "sampling": 0.0},
+        "tokenizer": {
+            "sentpiece_model": "spm/tiny.model",
+            "labels": [" ", *"abcdefghijklmnopqrstuvwxyz", "'"],
+            "sampling": 0.0,
+        },
         "input_val": {
             "audio_dataset": {
                 "sample_rate": SAMPLE_RATE,
@@ -96,10 +103,9 @@ def speech(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def tiny_hw(tmp_path_factory, speech) -> SimpleNamespace:
-    """A hardware-checkpoint dict of a seeded model, built by ``create_hardware_ckpt`` from real files.
-
-    The mel statistics are measured on ``speech``; the weights are scaled up so
-    that the model emits many symbols (a demanding test of greedy decoding).
+    """A seeded model's training checkpoint (written by ``Checkpointer``) and the hardware checkpoint
+    ``create_hardware_ckpt`` makes of it (dict and file), with mel statistics measured on ``speech``.
+    ``model`` is the core model ``load_hw_checkpoint`` rebuilds.
     """
     run = tmp_path_factory.mktemp("run")
     (run / "spm").mkdir()
@@ -131,26 +137,40 @@ def tiny_hw(tmp_path_factory, speech) -> SimpleNamespace:
     torch.save(torch.tensor([float(frames.shape[1])]), run / "stats/meln.pt")
 
     (run / "config.yaml").write_text(yaml.safe_dump(_config()))
+    cfg = config.load(run / "config.yaml")
     torch.manual_seed(0)
-    model = RNNT(ConfigRNNT(n_classes=n_classes, weights_init_scale=2.0, **MODEL)).eval()
-    training = {
-        "ema_state_dict": model.state_dict(),
-        "epoch": 1,
-        "step": 42,
-        "best_wer": 0.5,
-        "logmel_norm_weight": 1.0,
-    }
+    trained = TrainingRNNT(n_classes, **config.rnnt(cfg))
+    training_path = Checkpointer(run / "results").save(
+        trained,
+        trained,
+        None,
+        epoch=1,
+        step=42,
+        best_wer=0.5,
+        tokenizer_kw={
+            "sentpiece_model": str(run / "spm/tiny.model"),
+            "labels": [" "],
+            "sampling": 0.0,
+            "unk": "fail",
+        },
+        logmel_norm_weight=1.0,
+        config_path=run / "config.yaml",
+        filepath=run / "step42.pt",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "software use only": not an FPGA variant
         hw = create_hardware_ckpt(
-            training, config.load(run / "config.yaml"), skip_ngram=True, skip_state_dict_check=True
+            training_path, run / "config.yaml", skip_ngram=True, skip_state_dict_check=True
         )
+    hw_path = run / "tiny.hw.pt"
+    save_hardware_ckpt(hw, hw_path)
+    model = load_hw_checkpoint(hw_path).model
     return SimpleNamespace(
         hw=hw,
         weights={name: tensor.numpy() for name, tensor in hw["state_dict"].items()},
         features=FEATURES,
         model=model,
+        hw_path=hw_path,
+        training_path=training_path,
         config_path=run / "config.yaml",
-        run_dir=run,
-        training=training,
     )

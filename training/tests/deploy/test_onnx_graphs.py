@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from caiman_asr_train.data.features import FeaturePipeline, FilterbankFeatures, normalize, pad_audio
+from caiman_asr_train.data.features import FeaturePipeline, FilterbankFeatures, normalize
 from caiman_asr_train.deploy.onnx_graphs import encoder_graph, features_graph, joint_graph, predictor_graph
 
 TOLERANCE = 1e-4
@@ -26,7 +26,10 @@ def pipeline(hw: dict) -> FeaturePipeline:
 
 def bundle_states(hw: dict, batch: int = 1) -> dict:
     cfg = hw["rnnt_config"]["rnnt"]
-    zeros = lambda layers: np.zeros((layers, batch, cfg["enc_n_hid"]), np.float32)  # noqa: E731
+
+    def zeros(layers: int) -> np.ndarray:
+        return np.zeros((layers, batch, cfg["enc_n_hid"]), np.float32)
+
     return {
         "pre_h": zeros(cfg["enc_pre_rnn_layers"]),
         "pre_c": zeros(cfg["enc_pre_rnn_layers"]),
@@ -103,7 +106,7 @@ def test_predictor_graph_matches_pytorch_and_blank_gives_the_zero_start_input(ti
 
 
 def test_joint_graph_matches_pytorch_for_every_frame(tiny_hw):
-    hw, model = tiny_hw.hw, tiny_hw.model
+    _hw, model = tiny_hw.hw, tiny_hw.model
     graph = session(joint_graph(tiny_hw.weights))
     rng = np.random.default_rng(0)
     f = rng.normal(size=(2, 7, model.config.enc_n_hid)).astype(np.float32)
@@ -154,7 +157,7 @@ def test_sherpa_decoder_and_joiner_match_pytorch(tiny_hw, token):
     layers, hidden = model.config.pred_rnn_layers, model.config.pred_n_hid
     zeros = np.zeros((layers, 1, hidden), np.float32)
     sherpa_token = model.config.blank_idx if token < 0 else token
-    dec_out, _, h_out, c_out = decoder.run(
+    dec_out, _, _h_out, _c_out = decoder.run(
         None,
         {
             "targets": np.array([[sherpa_token]], np.int32),

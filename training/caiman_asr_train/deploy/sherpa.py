@@ -1,0 +1,78 @@
+"""Write a sherpa-onnx bundle: a NeMo-style transducer that ``OfflineRecognizer.from_transducer(...,
+model_type="nemo_transducer")`` loads (SPEC section 13).
+
+Files:
+
+    encoder.onnx  audio_signal f32[N, n_filt, T] (sherpa-onnx's log-mel features), length i64[N]
+                  -> outputs f32[N, H, T'], encoded_lengths i64[N]; dataset normalisation and frame
+                  splicing are inside. Metadata: vocab_size (without blank), subsampling_factor,
+                  normalize_type "" (none: the graph normalises), pred_rnn_layers, pred_hidden,
+                  feat_dim, and the source checkpoint's sha256 and step.
+    decoder.onnx  targets i32[N, 1], target_length i32[N], states.1/states.2 f32[L, N, P]
+                  -> decoder_output f32[N, P, 1], decoder_output_length, states.1_out, states.2_out;
+                  the blank id gives the zero start input, as sherpa-onnx starts decoding with blank.
+    joiner.onnx   encoder_output f32[N, H, 1], decoder_output f32[N, P, 1] -> logits f32[N, 1, 1, n_classes]
+    tokens.txt    "<piece> <id>" per line, the SentencePiece pieces then "<blk>" last
+
+sherpa-onnx computes the features itself with kaldi-native-fbank (its NeMo
+settings: 25 ms frames every 10 ms, pre-emphasis 0.97, Slaney mel from 0 Hz
+(``is_librosa``), no dither, ``snip_edges`` false). That is close to SPEC
+section 6 but not equal (window shape, frame positions at the edges, log
+floor, no initial or final padding), so transcripts can differ slightly from
+PyTorch's; ``export_inference(..., verify_manifests=...)`` measures by how
+much. Models trained with windows other than 25 ms do not fit this front end.
+"""
+
+from pathlib import Path
+from typing import Union
+
+import onnx
+import sentencepiece as spm
+
+from caiman_asr_train.deploy.onnx_graphs import encoder_graph, joint_graph, predictor_graph
+from caiman_asr_train.deploy.onnxruntime_bundle import numpy_weights
+
+PathLike = Union[str, Path]
+
+SHERPA_FILES = ("encoder.onnx", "decoder.onnx", "joiner.onnx", "tokens.txt")
+BLANK_TOKEN = "<blk>"
+
+
+def tokens_txt(sentpiece_model: bytes) -> str:
+    """sherpa-onnx's symbol table: every SentencePiece piece with its id, then the blank last."""
+    processor = spm.SentencePieceProcessor(model_proto=sentpiece_model)
+    lines = [f"{processor.id_to_piece(i)} {i}" for i in range(processor.get_piece_size())]
+    lines.append(f"{BLANK_TOKEN} {processor.get_piece_size()}")
+    return "\n".join(lines) + "\n"
+
+
+def write_sherpa_bundle(hw: dict, directory: PathLike, source_sha256: str) -> None:
+    """Write the four sherpa-onnx files of ``hw`` into the existing, empty ``directory``."""
+    directory = Path(directory)
+    cfg = hw["rnnt_config"]
+    model, val = cfg["rnnt"], cfg["input_val"]
+    weights = numpy_weights(hw)
+    metadata = {
+        "vocab_size": weights["joint_net.2.weight"].shape[0] - 1,
+        "subsampling_factor": int(val["frame_splicing"]["frame_subsampling"])
+        * int(model["enc_stack_time_factor"]),
+        "normalize_type": "",
+        "pred_rnn_layers": int(model["pred_rnn_layers"]),
+        "pred_hidden": int(model["pred_n_hid"]),
+        "feat_dim": int(val["filterbank_features"]["n_filt"]),
+        "source_sha256": source_sha256,
+        "step": int(hw["step"]),
+    }
+    encoder = encoder_graph(
+        weights,
+        model,
+        val["frame_splicing"],
+        layout="sherpa",
+        melmeans=hw["melmeans"].numpy(),
+        melvars=hw["melvars"].numpy(),
+        metadata=metadata,
+    )
+    onnx.save(encoder, directory / "encoder.onnx")
+    onnx.save(predictor_graph(weights, model, layout="sherpa"), directory / "decoder.onnx")
+    onnx.save(joint_graph(weights, layout="sherpa"), directory / "joiner.onnx")
+    (directory / "tokens.txt").write_text(tokens_txt(hw["sentpiece_model"]), encoding="utf-8")

@@ -1,0 +1,184 @@
+"""Streaming greedy recognition with an ONNX Runtime bundle: onnxruntime, numpy and sentencepiece only.
+
+    recognizer = Recognizer("exports/demo-onnxruntime")
+    stream = recognizer.stream()
+    for chunk in chunks:                  # float32 mono audio at recognizer.sample_rate
+        stream.accept_waveform(chunk)
+        print(stream.text)                # partial transcript so far
+    print(stream.finish())                # final transcript
+
+Per stream: ``features.onnx`` turns each new piece of audio into normalised
+log-mel frames (the samples a frame still needs are carried over); whenever
+at least ``chunk_frames`` frames are waiting, the largest multiple of
+``chunk_frames`` goes through ``encoder.onnx`` with the LSTM states carried
+over; greedy decoding then walks the new encoder frames exactly as
+``core.decoder.greedy_decode`` does (blank is the last class; at most
+``max_symbols_per_step`` symbols per frame). ``finish()`` appends the
+bundle's final padding of silence, as the server does at the end of a
+stream, and encodes what is left. The transcripts equal PyTorch greedy
+decoding of the whole utterance.
+"""
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnxruntime as ort
+
+from caiman_asr_train.core.errors import CheckpointError
+from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.runtime.bundle import GRAPHS, TOKENIZER_FILE, read_bundle
+
+PathLike = Union[str, Path]
+
+# Encoder frames scored per joint call while searching for the next symbol:
+# long enough to skip runs of blanks in one call, short enough that a symbol
+# found early wastes little work.
+JOINT_WINDOW = 16
+
+
+class Recognizer:
+    """The sessions, tokenizer and settings of one bundle; ``stream()`` starts an utterance.
+
+    Args:
+        bundle_dir: a directory written by ``export_inference(..., "onnxruntime", ...)``.
+        num_threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default).
+        max_symbols_per_step: per encoder frame, the most symbols emitted.
+        verify_files: check every file's sha256 against bundle.json first.
+
+    Raises:
+        CheckpointError: the directory is not a readable bundle, or a graph
+            cannot be loaded (one line naming the file).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: PathLike,
+        *,
+        num_threads: int | None = None,
+        max_symbols_per_step: int = 8,
+        verify_files: bool = True,
+    ):
+        self.bundle_dir = Path(bundle_dir)
+        self.info = read_bundle(self.bundle_dir, verify_files=verify_files)
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+        self.sessions = {name: self._session(name, options) for name in GRAPHS}
+        self.tokenizer = Tokenizer(self.bundle_dir / TOKENIZER_FILE)
+        features, model = self.info["features"], self.info["model"]
+        self.sample_rate = int(features["sample_rate"])
+        self.blank_id = int(model["blank_id"])
+        self.chunk_frames = int(self.info["chunk_frames"])
+        self.max_symbols_per_step = int(max_symbols_per_step)
+
+    def _session(self, name: str, options: ort.SessionOptions) -> ort.InferenceSession:
+        path = self.bundle_dir / f"{name}.onnx"
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for bad graphs
+            detail = " ".join(str(exc).split())[:200]
+            raise CheckpointError(
+                f"{path} cannot be loaded by ONNX Runtime ({detail}); export the bundle again"
+            ) from None
+
+    def stream(self) -> "Stream":
+        """A new utterance (streams are independent; each holds its own state)."""
+        return Stream(self)
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """Transcript of a whole utterance: float32 mono ``[N]`` at ``sample_rate`` Hz."""
+        stream = self.stream()
+        stream.accept_waveform(audio)
+        return stream.finish()
+
+
+class Stream:
+    """One utterance being recognised; made by ``Recognizer.stream()``."""
+
+    def __init__(self, recognizer: Recognizer):
+        self._r = recognizer
+        features, model = recognizer.info["features"], recognizer.info["model"]
+        self._hop = int(features["hop_length"])
+        self._final_padding = round(float(features["final_padding_secs"]) * recognizer.sample_rate)
+        self._history = np.zeros(int(features["initial_padding"]) + 1, np.float32)
+        self._pending = np.zeros((1, int(features["n_filt"]), 0), np.float32)
+
+        def zeros(layers: int, hidden: int) -> np.ndarray:
+            return np.zeros((layers, 1, hidden), np.float32)
+
+        self._encoder_states = {
+            "pre_h": zeros(model["enc_pre_rnn_layers"], model["enc_n_hid"]),
+            "pre_c": zeros(model["enc_pre_rnn_layers"], model["enc_n_hid"]),
+            "post_h": zeros(model["enc_post_rnn_layers"], model["enc_n_hid"]),
+            "post_c": zeros(model["enc_post_rnn_layers"], model["enc_n_hid"]),
+        }
+        h = zeros(model["pred_rnn_layers"], model["pred_n_hid"])
+        # The blank id is the zero start input.
+        self._g, self._h, self._c = self._predict(recognizer.blank_id, h, h)
+        self.tokens: list[int] = []
+        self.finished = False
+
+    @property
+    def text(self) -> str:
+        """The transcript of the audio decoded so far."""
+        return self._r.tokenizer.detokenize(self.tokens)
+
+    def accept_waveform(self, samples: np.ndarray) -> None:
+        """Feed the next float32 mono samples (any length, at the bundle's sample rate)."""
+        if self.finished:
+            raise RuntimeError("accept_waveform after finish(); start a new stream")
+        samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        (frames,) = self._r.sessions["features"].run(None, {"history": self._history, "waveform": samples})
+        self._history = np.concatenate([self._history, samples])[frames.shape[2] * self._hop :]
+        self._pending = np.concatenate([self._pending, frames], axis=2)
+        ready = self._pending.shape[2] // self._r.chunk_frames * self._r.chunk_frames
+        if ready:
+            self._encode(self._pending[:, :, :ready])
+            self._pending = self._pending[:, :, ready:]
+
+    def finish(self) -> str:
+        """Append the final padding, decode the rest and return the final transcript."""
+        if not self.finished:
+            self.accept_waveform(np.zeros(self._final_padding, np.float32))
+            if self._pending.shape[2]:
+                self._encode(self._pending)
+            self.finished = True
+        return self.text
+
+    def _encode(self, features: np.ndarray) -> None:
+        outputs = self._r.sessions["encoder"].run(None, {"features": features, **self._encoder_states})
+        self._encoder_states = dict(zip(("pre_h", "pre_c", "post_h", "post_c"), outputs[1:]))
+        self._decode(outputs[0])
+
+    def _predict(self, token: int, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, h, c = self._r.sessions["predictor"].run(
+            None, {"token": np.array([token], np.int64), "h": h, "c": c}
+        )
+        return g, h, c
+
+    def _decode(self, encoded: np.ndarray) -> None:
+        """Greedy decoding of encoder frames ``encoded`` [1, T, H] from the current predictor state."""
+        joint, blank, limit = self._r.sessions["joint"], self._r.blank_id, self._r.max_symbols_per_step
+        t, frames, emitted = 0, encoded.shape[1], 0  # emitted: symbols at frame t
+        while t < frames:
+            (logits,) = joint.run(
+                None, {"encoder_out": encoded[:, t : t + JOINT_WINDOW], "predictor_out": self._g}
+            )
+            labels = logits[0].argmax(axis=-1)
+            hits = np.flatnonzero(labels != blank)
+            if hits.size == 0:
+                t += labels.shape[0]
+                emitted = 0
+                continue
+            if hits[0]:
+                t += int(hits[0])
+                emitted = 0
+            label = int(labels[hits[0]])
+            self.tokens.append(label)
+            self._g, self._h, self._c = self._predict(label, self._h, self._c)
+            emitted += 1
+            if emitted == limit:
+                t += 1
+                emitted = 0

@@ -1,0 +1,116 @@
+"""export_inference and its CLI: every target, atomic output, verification, refusals and the real sherpa-onnx."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from caiman_asr_train.core.errors import ExportError
+from caiman_asr_train.core.load_hw import load_hw_checkpoint
+from caiman_asr_train.export.inference import export_inference, sherpa_transcriber
+
+
+@pytest.fixture
+def hw_path(tiny_hw):
+    return tiny_hw.hw_path
+
+
+def test_onnxruntime_export_decodes_exactly_like_pytorch(hw_path, speech, tmp_path, capsys):
+    summary = export_inference(
+        hw_path,
+        "onnxruntime",
+        tmp_path / "bundle",
+        verify_manifests=[speech.manifest],
+        dataset_dir=speech.dir,
+    )
+    assert summary["wer"]["identical"] == 1.0
+    assert summary["wer"]["onnxruntime"] == summary["wer"]["pytorch"]
+    assert summary["step"] == 42
+    assert {
+        "features.onnx",
+        "encoder.onnx",
+        "predictor.onnx",
+        "joint.onnx",
+        "tokenizer.model",
+        "bundle.json",
+    } == set(summary["files"])
+    assert "identical transcripts 100.0% (4/4)" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no partial or scratch directories left
+
+
+def test_sherpa_onnx_bundle_loads_and_transcribes_in_sherpa_onnx(hw_path, speech, tiny_hw, tmp_path):
+    summary = export_inference(hw_path, "sherpa-onnx", tmp_path / "sherpa")
+    assert summary["files"] == ["decoder.onnx", "encoder.onnx", "joiner.onnx", "tokens.txt"]
+    lines = (tmp_path / "sherpa/tokens.txt").read_text().splitlines()
+    assert lines[-1] == f"<blk> {tiny_hw.model.config.blank_idx}"
+    transcribe = sherpa_transcriber(tmp_path / "sherpa", 16000, tiny_hw.features["n_filt"])
+    texts = [transcribe(audio) for audio in speech.audio]
+    assert all(len(text) > 10 for text in texts)
+    assert set("".join(texts)) <= set("abcdefghijklmnopqrstuvwxyz' ")
+
+
+def test_a_training_checkpoint_is_exported_without_writing_beside_it(tiny_hw, tmp_path):
+    before = sorted(p.name for p in tiny_hw.training_path.parent.iterdir())
+    summary = export_inference(tiny_hw.training_path, "pytorch", tmp_path / "out", config=tiny_hw.config_path)
+    assert sorted(p.name for p in tiny_hw.training_path.parent.iterdir()) == before
+    loaded = load_hw_checkpoint(tmp_path / "out" / "model.hw.pt")
+    assert loaded.step == 42 and summary["files"] == ["model.hw.pt"]
+    for name, tensor in tiny_hw.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor)
+
+
+def test_an_existing_output_is_kept_unless_overwrite(hw_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not empty; pass --overwrite"):
+        export_inference(hw_path, "myrtle-fpga", out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    export_inference(hw_path, "myrtle-fpga", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["model.hw.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_refuses_quantized_fpga_exports_in_one_line(hw_path, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caiman_asr_train.export.inference",
+            "--ckpt",
+            str(hw_path),
+            "--target",
+            "myrtle-fpga",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--quantize_weights",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "float32 weights only" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_a_foreign_source_file(tmp_path):
+    source = tmp_path / "notes.pt"
+    torch.save({"hello": torch.zeros(1)}, source)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caiman_asr_train.export.inference",
+            "--ckpt",
+            str(source),
+            "--target",
+            "onnxruntime",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "neither a hardware checkpoint" in result.stderr
