@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from caiman_asr_train.core.errors import ConfigError, DataError
 from caiman_asr_train.data.audio import load_audio
-from caiman_asr_train.data.features import FilterbankFeatures
+from caiman_asr_train.core.features import FilterbankFeatures
 from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save

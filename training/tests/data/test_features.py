@@ -11,9 +11,12 @@ from caiman_asr_train.core.errors import ConfigError
 from caiman_asr_train.data.features import (
     FeaturePipeline,
     FilterbankFeatures,
+    InferenceFrontEnd,
     SpecAugment,
     SpeedPerturbation,
+    dali_hann_window,
     frame_count,
+    load_mel_stats,
     mel_filterbank,
     norm_weight,
     normalize,
@@ -21,7 +24,7 @@ from caiman_asr_train.data.features import (
     splice_frames,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "features_reference.npz"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 # The base config's block (SPEC section 4), dither off unless a test turns it on.
 BASE = {
@@ -40,7 +43,28 @@ SPLICING = {"frame_stacking": 3, "frame_subsampling": 3}
 
 @pytest.fixture(scope="module")
 def reference():
-    return np.load(FIXTURE)
+    return np.load(FIXTURES / "features_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def librosa_mel():
+    return np.load(FIXTURES / "mel_filterbank_reference.npz")
+
+
+def test_window_is_dalis_half_sample_shifted_hann_not_torchs():
+    for n in (400, 200, 7):
+        index = np.arange(n)
+        expected = 0.5 * (1 - np.cos(2 * np.pi * (index + 0.5) / n))
+        window = dali_hann_window(n)
+        assert window.dtype == torch.float64
+        assert np.allclose(window.numpy(), expected, rtol=0, atol=1e-15)
+        # no zero endpoints, symmetric about (n - 1) / 2
+        assert float(window.min()) > 0
+        assert torch.allclose(window, window.flip(0), rtol=0, atol=1e-15)
+        assert not torch.allclose(window, torch.hann_window(n, periodic=False, dtype=torch.float64))
+        assert not torch.allclose(window, torch.hann_window(n, periodic=True, dtype=torch.float64))
+    assert torch.equal(dali_hann_window(400, torch.float32), dali_hann_window(400).to(torch.float32))
+    assert torch.equal(FilterbankFeatures(**BASE).window, dali_hann_window(400))
 
 
 def test_logmel_of_known_signal_matches_independent_reference(reference):
@@ -55,12 +79,43 @@ def test_logmel_of_known_signal_matches_independent_reference(reference):
 
 
 @pytest.mark.parametrize(
+    "initial_padding,key",
+    [(False, "speech_norm_unpadded"), (True, "speech_norm_padded")],
+)
+def test_speech_normalised_per_utterance_matches_independent_dali_window_reference(
+    reference, initial_padding, key
+):
+    speech = torch.from_numpy(reference["speech"].astype(np.float32) / 32768)[None]
+    fb = FilterbankFeatures(**BASE, initial_padding=initial_padding)
+    logmel, lens = fb(speech, torch.tensor([speech.shape[1]]))
+    normalised = normalize(logmel, lens, torch.zeros(80), torch.ones(80), weight=0.0)
+    expected = torch.from_numpy(reference[key])
+    assert normalised.shape == (1, 80, expected.shape[1])
+    assert torch.allclose(normalised[0], expected, rtol=0, atol=5e-4)
+    # the symmetric Hann window misses this reference by two orders of magnitude more
+    fb.window = torch.hann_window(fb.win_length, periodic=False, dtype=torch.float64)
+    symmetric = normalize(*fb(speech, torch.tensor([speech.shape[1]])), torch.zeros(80), torch.ones(80), 0.0)
+    assert (symmetric[0] - expected).abs().max() > 1e-2
+
+
+def test_initial_padding_prepends_the_servers_zeros(reference):
+    speech = torch.from_numpy(reference["speech"].astype(np.float32) / 32768)[None]
+    lens = torch.tensor([speech.shape[1]])
+    padded, padded_lens = FilterbankFeatures(**BASE)(speech, lens)
+    by_hand, by_hand_lens = FilterbankFeatures(**BASE, initial_padding=False)(
+        torch.nn.functional.pad(speech, (240, 0)), lens + 240
+    )
+    assert torch.equal(padded_lens, by_hand_lens)
+    assert torch.equal(padded, by_hand)
+
+
+@pytest.mark.parametrize(
     "sample_rate,n_fft,n_filt,key",
     [(16000, 512, 80, "fbank_16k_512_80"), (8000, 256, 40, "fbank_8k_256_40")],
 )
-def test_mel_filterbank_matches_librosa_slaney(reference, sample_rate, n_fft, n_filt, key):
+def test_mel_filterbank_matches_librosa_slaney(librosa_mel, sample_rate, n_fft, n_filt, key):
     fbank = mel_filterbank(sample_rate, n_fft, n_filt)
-    expected = torch.from_numpy(reference[key])
+    expected = torch.from_numpy(librosa_mel[key])
     assert fbank.shape == (n_filt, n_fft // 2 + 1)
     assert torch.allclose(fbank, expected, rtol=1e-5, atol=1e-9)
 
@@ -291,3 +346,46 @@ def test_bad_configs_are_refused():
         SpeedPerturbation(min_rate=1.2, max_rate=0.8)
     with pytest.raises(ConfigError, match="spec_augment"):
         SpecAugment(freq_masks=1, min_freq=10, max_freq=5)
+
+
+def test_inference_front_end_is_the_eval_pipeline_and_builds_from_a_data_config(reference):
+    speech = torch.from_numpy(reference["speech"].astype(np.float32) / 32768)[None]
+    lens = torch.tensor([speech.shape[1]])
+    melmeans, melvars = torch.linspace(-12, -4, 80), torch.linspace(2, 9, 80)
+    data_config = {
+        "filterbank_features": BASE,
+        "frame_splicing": SPLICING,
+        "melmeans": melmeans,
+        "melvars": melvars,
+    }
+    front_end = InferenceFrontEnd.from_data_config(data_config)
+    x, x_lens = front_end(speech, lens)
+    assert front_end.out_features == 240 and x.shape == (int(x_lens[0]), 1, 240)
+    spec_augment = {"freq_masks": 2, "max_freq": 20, "time_masks": 2, "max_time": 0.05}
+    pipeline = FeaturePipeline(BASE, SPLICING, melmeans, melvars, spec_augment).eval()
+    expected, expected_lens = pipeline(speech, lens)
+    assert torch.equal(x, expected) and torch.equal(x_lens, expected_lens)
+    # by hand: dataset normalisation, then splicing, time-major
+    logmel, frames = FilterbankFeatures(**BASE)(speech, lens)
+    spliced, _ = splice_frames(normalize(logmel, frames, melmeans, melvars, 1.0), frames, 3, 3)
+    assert torch.equal(x, spliced.permute(2, 0, 1))
+
+
+def test_training_imports_of_the_front_end_are_the_core_objects():
+    import caiman_asr_train.core.features as core
+    import caiman_asr_train.data.features as data
+
+    for name in ("FilterbankFeatures", "InferenceFrontEnd", "load_mel_stats", "normalize",
+                 "splice_frames", "pad_audio", "mel_filterbank", "frame_count"):
+        assert getattr(data, name) is getattr(core, name)
+
+
+def test_mel_stats_without_meln_load_as_upstream_directories_have_them(tmp_path):
+    torch.save(torch.linspace(-10, -2, 80), tmp_path / "melmeans.pt")
+    torch.save(torch.linspace(1, 5, 80), tmp_path / "melvars.pt")
+    melmeans, melvars, meln = load_mel_stats(tmp_path, n_filt=80)
+    assert meln is None
+    assert torch.equal(melmeans, torch.linspace(-10, -2, 80))
+    assert torch.equal(melvars, torch.linspace(1, 5, 80))
+    torch.save(torch.tensor([1234.0]), tmp_path / "meln.pt")
+    assert load_mel_stats(tmp_path)[2].tolist() == [1234.0]
