@@ -6,9 +6,11 @@ import sys
 import pytest
 import torch
 
-from caiman_asr_train.core.errors import ExportError
+from caiman_asr_train.core.errors import ExportError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.export.inference import export_inference, sherpa_transcriber
+from caiman_asr_train.runtime import Recognizer
+from caiman_asr_train.runtime.bundle import read_bundle
 
 
 @pytest.fixture
@@ -114,3 +116,33 @@ def test_cli_names_a_foreign_source_file(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "neither a hardware checkpoint" in result.stderr
+
+
+def test_a_quantized_bundle_passes_the_wer_gate_and_records_its_type(hw_path, speech, tmp_path):
+    summary = export_inference(
+        hw_path,
+        "onnxruntime",
+        tmp_path / "int8",
+        verify_manifests=[speech.manifest],
+        quantize_type="int8_per_channel",
+        max_wer_increase=1000.0,
+    )
+    info = read_bundle(tmp_path / "int8")
+    assert info["quantize_type"] == "int8_per_channel"
+    assert info["wer"] == summary["wer"] and 0 <= summary["wer"]["identical"] <= 1
+    assert Recognizer(tmp_path / "int8").transcribe(speech.audio[0])
+
+
+def test_a_quantized_export_that_fails_the_wer_gate_writes_nothing(hw_path, speech, tmp_path):
+    # a negative allowance fails even when quantization costs nothing
+    with pytest.raises(UserError, match="nothing was written"):
+        export_inference(
+            hw_path,
+            "onnxruntime",
+            tmp_path / "int4",
+            verify_manifests=[speech.manifest],
+            quantize_type="int4_blockwise",
+            block_size=16,
+            max_wer_increase=-1000.0,
+        )
+    assert list(tmp_path.iterdir()) == []
