@@ -6,7 +6,7 @@ here: ``data.features.FeaturePipeline`` turns a batch's waveforms into encoder
 input on the training or validation device, where it is cheap.
 
 Transcripts are normalised as the YAML's ``audio_dataset`` block asks
-(``evaluate.normalizers.normalize_transcript``), so the tokens a model learns,
+(``data.normalizers.normalize_transcript``), so the tokens a model learns,
 the references it is scored against and the text SentencePiece was trained on
 (``spm_from_json``) are the same text.
 """
@@ -24,7 +24,7 @@ from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.features import SpeedPerturbation
 from caiman_asr_train.data.manifest import audio_path
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.evaluate.normalizers import Replacements, normalize_transcript
+from caiman_asr_train.data.normalizers import Replacements, normalize_transcript
 
 PathLike = Union[str, os.PathLike]
 

@@ -4,7 +4,7 @@ import math
 from collections.abc import Sequence
 
 from caiman_asr_train.core.errors import ConfigError
-from caiman_asr_train.evaluate.normalizers import standardize as standardize_text
+from caiman_asr_train.data.normalizers import standardize as standardize_text
 
 ERROR_RATES = ("word", "char")
 

@@ -29,7 +29,7 @@ import sentencepiece as spm
 
 from caiman_asr_train.core.errors import DataError, TokenizerError
 from caiman_asr_train.data.manifest import read_manifests
-from caiman_asr_train.evaluate.normalizers import NORMALIZE_MODES, Replacements, normalize_transcript
+from caiman_asr_train.data.normalizers import NORMALIZE_MODES, Replacements, normalize_transcript
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli

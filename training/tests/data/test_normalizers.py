@@ -3,7 +3,7 @@
 import pytest
 
 from caiman_asr_train.core.errors import ConfigError
-from caiman_asr_train.evaluate.normalizers import normalize_transcript, standardize
+from caiman_asr_train.data.normalizers import normalize_transcript, standardize
 
 LABELS = [" ", *"abcdefghijklmnopqrstuvwxyz", "'"]
 
