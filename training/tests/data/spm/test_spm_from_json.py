@@ -10,7 +10,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from caiman_asr_train.core.errors import DataError, TokenizerError
-from caiman_asr_train.data.make_datasets.demo import default_output_dir, make_sentences
+from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir
+from caiman_asr_train.recipes.demo_corpus.grammar import make_sentences
 from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_manifest
 from caiman_asr_train.data.spm.spm_from_json import (
     config_user_symbols,
@@ -20,7 +21,7 @@ from caiman_asr_train.data.spm.spm_from_json import (
     train_sentencepiece,
 )
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.evaluate.normalizers import normalize_transcript
+from caiman_asr_train.data.normalizers import normalize_transcript
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.cli import run_cli
 

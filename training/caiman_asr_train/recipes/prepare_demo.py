@@ -2,7 +2,7 @@
 
 Phases, in order (each prints its wall time)::
 
-    corpus  DATASET_DIR/{train,dev}.json + audio/     make_datasets.demo (eSpeak NG)
+    corpus  DATASET_DIR/{train,dev}.json + audio/     demo_corpus (eSpeak NG)
     stats   mel statistics of train.json              -> filterbank_features.stats_path
     spm     SentencePiece unigram model of train.json -> tokenizer.sentpiece_model
     ngram   KenLM n-gram (order 4) over its pieces    -> ngram.ngram_path/ngram.{arpa,binary}
@@ -11,13 +11,14 @@ Output paths, features and transcript normalisation come from the config
 (``training/configs/demo.yaml``), so the YAML and the files cannot disagree.
 A phase is skipped when its outputs are complete and were made from the same
 inputs: ``DATASET_DIR/prepare_demo.json`` records a fingerprint of each
-phase's inputs (manifest bytes, settings, SentencePiece model), so a changed
-corpus or setting remakes exactly the phases that depend on it. A re-run
+phase's inputs (manifest bytes, settings, the front end's version,
+SentencePiece model), so a changed corpus, setting or feature computation
+remakes exactly the phases that depend on it. A re-run
 with nothing to do takes a second or two.
 
 Usage::
 
-    python -m caiman_asr_train.data.prepare_demo [--config training/configs/demo.yaml]
+    python -m caiman_asr_train.recipes.prepare_demo [--config training/configs/demo.yaml]
         [--dataset_dir datasets/demo] [--vocab_size 40] [--ngram_order 4] [--num_train 6000]
 """
 
@@ -34,14 +35,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from caiman_asr_train.core.errors import DataError, TokenizerError, UserError
-from caiman_asr_train.data.features import load_mel_stats
+from caiman_asr_train.core.features import FRONT_END_VERSION, load_mel_stats
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
-from caiman_asr_train.data.make_datasets.demo import default_output_dir, make_demo_corpus
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.data.ngram import is_kenlm_binary
 from caiman_asr_train.data.spm.spm_from_json import config_user_symbols, spm_from_json, text_settings
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.lm.prep_kenlm_data import prep_kenlm_data
+from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir, make_demo_corpus
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
@@ -190,7 +191,8 @@ def prepare_demo(
 
     phase(
         "stats",
-        _fingerprint(train_bytes, stats_settings),
+        # The front end's version: statistics of the same audio change when it does.
+        _fingerprint(train_bytes, stats_settings, FRONT_END_VERSION),
         lambda: _complete(lambda: load_mel_stats(stats_dir, n_filt)),
         make_stats,
     )

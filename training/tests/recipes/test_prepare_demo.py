@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from caiman_asr_train.data import prepare_demo as prepare_demo_module
-from caiman_asr_train.data.features import load_mel_stats
+from caiman_asr_train.core.features import load_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.ngram import is_kenlm_binary
 from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.recipes import prepare_demo as prepare_demo_module
 
 REPO = Path(__file__).resolve().parents[3]
 WORDS = "the a cat dog sat ran on under table garden red green blue house car it's".split()
@@ -100,3 +100,14 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     assert _verdicts(lines) == {"corpus": "ready", "stats": "up to date", "spm": "up to date",
                                 "ngram": "made"}
     assert is_kenlm_binary(root / "ngram" / "ngram.binary")
+
+
+def test_a_new_front_end_version_remakes_the_statistics_only(demo, monkeypatch):
+    root, run = demo
+    run()
+    before = (root / "stats" / "melmeans.pt").stat().st_mtime_ns
+    monkeypatch.setattr(prepare_demo_module, "FRONT_END_VERSION", prepare_demo_module.FRONT_END_VERSION + 1)
+    _, lines = run()
+    assert _verdicts(lines) == {"corpus": "ready", "stats": "made", "spm": "up to date",
+                                "ngram": "up to date"}
+    assert (root / "stats" / "melmeans.pt").stat().st_mtime_ns != before

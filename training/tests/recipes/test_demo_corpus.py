@@ -1,4 +1,6 @@
+import hashlib
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -10,14 +12,13 @@ import pytest
 import soundfile
 
 from caiman_asr_train.core.errors import DataError
-from caiman_asr_train.data.make_datasets import demo
-from caiman_asr_train.data.make_datasets.demo import (
-    default_output_dir,
-    make_demo_corpus,
-    make_sentences,
-    number_words,
-)
 from caiman_asr_train.data.manifest import read_manifest, read_manifests
+from caiman_asr_train.recipes import demo_corpus
+from caiman_asr_train.recipes.demo_corpus import corpus, espeak, grammar
+from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir, make_demo_corpus
+from caiman_asr_train.recipes.demo_corpus.grammar import make_sentences, number_words
+
+PACKAGE_DATA = Path(demo_corpus.__file__).parent
 
 TRANSCRIPT = re.compile(r"^[a-z']+( [a-z']+)*$")
 
@@ -57,6 +58,34 @@ def test_same_seed_same_sentences_other_seed_other_sentences(sentences):
     assert other_dev != sentences[1]
 
 
+def test_sentences_of_a_seed_are_pinned():
+    # The lexicon and patterns moved from code to data files without changing
+    # a sentence; a change that does must be deliberate and update this hash.
+    train, dev = make_sentences(seed=7, num_train=50, num_dev=10)
+    digest = hashlib.sha256(("\n".join(train) + "|" + "\n".join(dev)).encode()).hexdigest()
+    assert digest == "c15996e33f93fb53b1e77445145ebeba57d904e86db9d5391273cfc2d9404f2c"
+
+
+def test_grammar_data_files_ship_in_the_package_and_are_fingerprinted(tiny):
+    expected = hashlib.sha256()
+    for name in ("lexicon.json", "patterns.json"):
+        expected.update(hashlib.sha256((PACKAGE_DATA / name).read_bytes()).digest())
+    assert grammar.data_files_sha256() == expected.hexdigest()
+    assert tiny[1]["grammar_data_sha256"] == expected.hexdigest()
+
+
+def test_a_corpus_made_from_other_grammar_data_is_refused(tiny, monkeypatch):
+    monkeypatch.setattr(corpus, "data_files_sha256", lambda: "0" * 64)
+    with pytest.raises(DataError, match="holds a demo corpus made with .*grammar_data_sha256="):
+        make_demo_corpus(tiny[0], seed=0, num_train=6, num_dev=3, workers=1, progress=False)
+
+
+def test_a_pattern_the_grammar_lacks_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(grammar, "_PATTERNS", [(1.0, "statement"), (1.0, "limerick")])
+    with pytest.raises(DataError, match="patterns.json names 'limerick'"):
+        grammar._Grammar(random.Random(0))
+
+
 def test_small_requests_still_hold_out_dev():
     train, dev = make_sentences(seed=3, num_train=6, num_dev=3)
     assert len(set(train)) == 6 and len(set(dev)) == 3 and not set(train) & set(dev)
@@ -71,7 +100,7 @@ def test_number_words():
 
 
 def test_default_output_dir_is_at_the_repository_root():
-    repo_root = Path(__file__).resolve().parents[4]
+    repo_root = Path(__file__).resolve().parents[3]
     assert (repo_root / "training" / "caiman_asr_train").is_dir()
     assert default_output_dir() == repo_root / "datasets" / "demo"
 
@@ -156,15 +185,15 @@ def test_espeak_command_fallback(monkeypatch, tmp_path):
     executable = shutil.which("espeak-ng")
     if executable is None:
         pytest.skip("the espeak-ng command is not installed")
-    monkeypatch.setattr(demo, "_ENGINE", demo._EspeakCommand(executable))
-    audio = demo.synthesize("hello there", demo.speaker_settings(0, "train", 0))
+    monkeypatch.setattr(espeak, "_ENGINE", espeak._EspeakCommand(executable))
+    audio = espeak.synthesize("hello there", espeak.speaker_settings(0, "train", 0))
     assert audio.dtype == np.float32 and 0.3 < len(audio) / 16000 < 3
     assert np.abs(audio).max() > 0.2
 
 
 def test_runs_as_a_script(tmp_path):
     result = subprocess.run(
-        [sys.executable, demo.__file__, "--output_dir", str(tmp_path), "--num_train", "3",
+        [sys.executable, "-m", "caiman_asr_train.recipes.demo_corpus", "--output_dir", str(tmp_path), "--num_train", "3",
          "--num_dev", "1", "--workers", "1"],
         capture_output=True, text=True,
     )

@@ -1,0 +1,232 @@
+"""Build the built-in demo speech corpus: synthetic English sentences spoken by eSpeak NG.
+
+A fixed-seed grammar (``grammar``) writes distinct sentences of 3-10 words over
+a vocabulary of about a thousand common words (statements in several tenses,
+negations, questions, commands, descriptions, number phrases, two-clause
+sentences). The dev sentences are held out: none occurs in training and every
+dev word does. Each sentence is spoken by eSpeak NG (``espeak``) with a voice,
+variant, speed and pitch drawn from the seed, padded with a little silence and
+a faint noise floor, resampled to 16 kHz mono and written as FLAC.
+
+Output (default ``datasets/demo`` at the repository root)::
+
+    train.json, dev.json        manifests (SPEC section 11), fnames relative to the output dir
+    audio/train/*.flac, audio/dev/*.flac
+    corpus.json                 generation settings; "complete": true once finished
+
+The same seed, counts and grammar data files give the same manifests and
+byte-identical audio, whatever the number of worker processes. Re-running
+with the same settings is a no-op once ``corpus.json`` says the corpus is
+complete; an interrupted run resumes, keeping every FLAC already written (each
+is written atomically, so any file present is whole).
+
+Usage::
+
+    python -m caiman_asr_train.recipes.demo_corpus [--output_dir datasets/demo] [--seed 0]
+"""
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import soundfile
+from tqdm import tqdm
+
+from caiman_asr_train.core.errors import DataError
+from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_manifest
+from caiman_asr_train.recipes.demo_corpus.espeak import SAMPLE_RATE, speaker_settings, synthesize
+from caiman_asr_train.recipes.demo_corpus.grammar import data_files_sha256, make_sentences
+from caiman_asr_train.utils.atomic import atomic_write_bytes
+
+PathLike = Union[str, os.PathLike]
+
+# Bump when the grammar's code or the synthesis changes, so that an old corpus
+# is not mistaken for a complete new one (the grammar's data files are
+# fingerprinted by their hash).
+GENERATOR_VERSION = 2
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_output_dir() -> Path:
+    """``datasets/demo`` at the repository root, or under the current directory
+    when the package is installed outside a checkout."""
+    repo_root = _PACKAGE_ROOT.parents[1]
+    if _PACKAGE_ROOT.parent.name == "training":
+        return repo_root / "datasets" / "demo"
+    return Path("datasets") / "demo"
+
+
+def _flac_bytes(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _make_utterance(task: tuple) -> tuple[str, int, int]:
+    """Pool worker: synthesise one sentence into its FLAC. Returns (split, index, num_samples)."""
+    seed, split, index, text, path = task
+    audio = synthesize(text, speaker_settings(seed, split, index))
+    atomic_write_bytes(path, _flac_bytes(audio))
+    return split, index, len(audio)
+
+
+# ---------------------------------------------------------------------------
+# The corpus on disk
+# ---------------------------------------------------------------------------
+
+MARKER = "corpus.json"
+SPLITS = ("train", "dev")
+
+
+def _fname(split: str, index: int) -> str:
+    return f"audio/{split}/{split}_{index:05d}.flac"
+
+
+def _read_marker(path: Path) -> Optional[dict]:
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_complete(output_dir: Path, settings: dict) -> bool:
+    """Whether the manifests list the asked-for counts and all their audio exists."""
+    for split in SPLITS:
+        try:
+            entries = read_manifest(output_dir / f"{split}.json")
+        except DataError:
+            return False
+        if len(entries) != settings[f"num_{split}"]:
+            return False
+        if not all((output_dir / e["files"][0]["fname"]).is_file() for e in entries):
+            return False
+    return True
+
+
+def _existing_num_samples(path: Path) -> Optional[int]:
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.LibsndfileError, RuntimeError):
+        return None
+    return info.frames if info.samplerate == SAMPLE_RATE and info.frames > 0 else None
+
+
+def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tuple[str, int, int]]:
+    bar = tqdm(total=len(tasks), desc="demo corpus", unit="utt", disable=not progress or not tasks)
+    with bar:
+        if workers <= 1 or len(tasks) < 2:
+            for result in map(_make_utterance, tasks):
+                bar.update()
+                yield result
+            return
+        # fork: workers inherit the imported modules instead of re-importing torch.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        with context.Pool(workers) as pool:
+            for result in pool.imap_unordered(_make_utterance, tasks, chunksize=8):
+                bar.update()
+                yield result
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def make_demo_corpus(
+    output_dir: Optional[PathLike] = None,
+    seed: int = 0,
+    num_train: int = 3000,
+    num_dev: int = 200,
+    workers: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
+    """Make (or finish, or leave alone) the demo corpus in ``output_dir``.
+
+    Returns the contents of ``corpus.json``: the settings plus ``complete``,
+    ``train_hours`` and ``dev_hours`` (audio duration in hours).
+
+    Raises:
+        DataError: ``output_dir`` holds a corpus made with other settings, or
+            eSpeak NG is unavailable.
+    """
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
+    workers = workers if workers is not None else _default_workers()
+    settings = {"generator_version": GENERATOR_VERSION, "grammar_data_sha256": data_files_sha256(),
+                "seed": seed, "num_train": num_train, "num_dev": num_dev, "sample_rate": SAMPLE_RATE}
+    marker_path = output_dir / MARKER
+    previous = _read_marker(marker_path)
+    if previous is not None and {k: previous.get(k) for k in settings} != settings:
+        described = ", ".join(f"{k}={previous.get(k)}" for k in settings)
+        raise DataError(
+            f"{output_dir} holds a demo corpus made with {described}; delete that folder "
+            "or pass another --output_dir"
+        )
+    if previous is not None and previous.get("complete") and _is_complete(output_dir, settings):
+        return previous
+    atomic_write_bytes(marker_path, json.dumps({**settings, "complete": False}, indent=2).encode())
+    # A killed worker leaves its half-written temporary file behind.
+    for stale in output_dir.glob("audio/*/.*.tmp"):
+        stale.unlink()
+
+    sentences = dict(zip(SPLITS, make_sentences(seed, num_train, num_dev)))
+    num_samples: dict[tuple[str, int], int] = {}
+    tasks = []
+    for split in SPLITS:
+        for index, text in enumerate(sentences[split]):
+            path = output_dir / _fname(split, index)
+            # Without a marker from this run's settings, files on disk may be
+            # someone else's: only resume over our own.
+            existing = _existing_num_samples(path) if previous is not None else None
+            if existing is not None:
+                num_samples[split, index] = existing
+            else:
+                tasks.append((seed, split, index, text, path))
+    for split, index, count in _run_tasks(tasks, workers, progress):
+        num_samples[split, index] = count
+
+    marker = {**settings, "complete": True}
+    for split in SPLITS:
+        entries = [manifest_entry(text, _fname(split, index), num_samples[split, index], SAMPLE_RATE)
+                   for index, text in enumerate(sentences[split])]
+        write_manifest(entries, output_dir / f"{split}.json")
+        total = sum(num_samples[split, index] for index in range(len(sentences[split])))
+        marker[f"{split}_hours"] = round(total / SAMPLE_RATE / 3600, 4)
+    atomic_write_bytes(marker_path, (json.dumps(marker, indent=2) + "\n").encode())
+    return marker
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m caiman_asr_train.recipes.demo_corpus", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--output_dir", default=None,
+        help="where to write the corpus (default: datasets/demo at the repository root)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of sentences and voices (default: 0)")
+    parser.add_argument("--num_train", type=int, default=3000,
+                        help="number of training utterances (default: 3000)")
+    parser.add_argument("--num_dev", type=int, default=200,
+                        help="number of held-out dev utterances (default: 200)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="synthesis processes (default: one per available CPU core)")
+    args = parser.parse_args(argv)
+    if args.num_train < 1 or args.num_dev < 1:
+        parser.error("--num_train and --num_dev must be at least 1")
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir()
+    start = time.monotonic()
+    marker = make_demo_corpus(output_dir, args.seed, args.num_train, args.num_dev, args.workers)
+    hours = marker["train_hours"] + marker["dev_hours"]
+    print(f"demo corpus: {args.num_train} train + {args.num_dev} dev utterances, "
+          f"{hours:.2f} h of audio in {output_dir} ({time.monotonic() - start:.1f} s)")
