@@ -19,13 +19,9 @@ from caiman_asr_train.data.features import FilterbankFeatures
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
+from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT as TrainingRNNT
-
-try:
-    from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
-except ImportError:  # the demo corpus maker before it moved into recipes/
-    from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
 
 N_FILT = 20
 SAMPLE_RATE = 16000
