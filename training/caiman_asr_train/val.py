@@ -3,8 +3,9 @@
 ``--ckpt`` is one of:
 
 - a training checkpoint (``*.pt`` from train.py): its EMA weights are
-  validated with the model, features, mel statistics and tokenizer of
-  ``--model_config`` (default: the demo config);
+  validated with the model, features, mel statistics and tokenizer of the
+  config the checkpoint recorded, or of ``--model_config`` when given (older
+  checkpoints record none: then the default is the demo config);
 - a hardware checkpoint (``*.hw.pt``, recognised by its content): weights,
   feature settings, mel statistics and tokenizer all come from the file, and
   ``--model_config`` is not read;
@@ -27,6 +28,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -34,21 +36,28 @@ from typing import NoReturn, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from caiman_asr_train.core.errors import CheckpointError, ConfigError, DataError, UserError
-from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
+from caiman_asr_train.core.errors import CheckpointError, DataError, UserError
+from caiman_asr_train.core.load_hw import is_hardware_checkpoint, load_hw_checkpoint, read_checkpoint
 from caiman_asr_train.core.model import RNNT as CoreRNNT
 from caiman_asr_train.data.dataset import AudioDataset, collate
-from caiman_asr_train.data.features import FeaturePipeline, load_mel_stats
+from caiman_asr_train.data.features import FeaturePipeline
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.evaluate.evaluator import EvalResult, evaluate
+from caiman_asr_train.export.checkpointer import first_non_finite, load_weights, recorded_config
 from caiman_asr_train.rnnt import config
-from caiman_asr_train.rnnt.model import RNNT
+from caiman_asr_train.train_utils.builders import (
+    build_model,
+    build_pipeline,
+    build_tokenizer,
+    sample_rate,
+    scoring_settings,
+    text_settings,
+)
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.paths import REPO_ROOT
 
-# training/caiman_asr_train/val.py -> the repository root
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_CONFIG = "training/configs/demo.yaml"
 DEFAULT_VAL_MANIFEST = "datasets/demo/dev.json"
 DEFAULT_OUTPUT_DIR = "results/val"
@@ -74,78 +83,40 @@ class Validatable:
     scoring: dict
 
 
-def is_hardware_checkpoint(ckpt: dict) -> bool:
-    """True for a hardware checkpoint's dict (it carries its inference config and tokenizer)."""
-    return "rnnt_config" in ckpt or "sentpiece_model" in ckpt
-
-
 def load_training_checkpoint(
-    path: Path, ckpt: dict, model_config: Path, device: torch.device
+    path: Path, ckpt: dict, model_config: Optional[Path], device: torch.device
 ) -> Validatable:
-    """The EMA model of training checkpoint ``ckpt`` (read from ``path``) with ``model_config``'s
-    features, statistics and tokenizer."""
+    """The EMA model of training checkpoint ``ckpt`` (read from ``path``) with the features,
+    statistics and tokenizer of ``model_config``, else of the config the checkpoint recorded, else
+    of the demo config."""
     if "ema_state_dict" not in ckpt:
         raise CheckpointError(
             f"{path}: no 'ema_state_dict'; pass a checkpoint written by train.py, "
             "or a hardware checkpoint (*.hw.pt)"
         )
-    cfg = config.load(model_config)
-    val_input = config.input(cfg, "val")
-    tokenizer_cfg = config.tokenizer(cfg)
-    tokenizer = Tokenizer(tokenizer_cfg["sentpiece_model"])
-    features = val_input["filterbank_features"]
-    if not features.get("stats_path"):
-        raise ConfigError(
-            f"{model_config}: input_val.filterbank_features.stats_path is not set; "
-            "point it at the directory written by generate_mel_stats"
-        )
-    melmeans, melvars, _ = load_mel_stats(features["stats_path"], features["n_filt"])
-    model = RNNT(tokenizer.num_labels + 1, **config.rnnt(cfg))
-    _load_weights(model, ckpt["ema_state_dict"], path, model_config)
-    audio = val_input["audio_dataset"]
+    recorded = recorded_config(ckpt)
+    if model_config is not None or recorded is None:
+        cfg = config.load(model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG)
+    else:
+        cfg = recorded
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer)
+    load_weights(
+        model,
+        ckpt["ema_state_dict"],
+        source=f"{path} [ema_state_dict]",
+        hint="pass the --model_config (and SentencePiece model) the checkpoint was trained with",
+    )
     return Validatable(
         model=model.to(device).eval(),
-        pipeline=FeaturePipeline(features, val_input["frame_splicing"], melmeans, melvars),
+        pipeline=build_pipeline(cfg, "val"),
         tokenizer=tokenizer,
-        sample_rate=int(audio["sample_rate"]),
+        sample_rate=sample_rate(cfg),
         step=ckpt.get("step"),
         kind="training",
-        text={
-            "normalize_transcripts": audio.get("normalize_transcripts", "lowercase"),
-            "labels": tokenizer_cfg["labels"],
-            "replacements": audio.get("replacements"),
-            "remove_tags": audio.get("remove_tags", True),
-        },
-        scoring={
-            "standardize": bool(audio.get("standardize_wer", True)),
-            "error_rate": audio.get("error_rate", "word"),
-        },
+        text=text_settings(cfg, "val"),
+        scoring=scoring_settings(cfg),
     )
-
-
-def _load_weights(model: torch.nn.Module, state_dict: dict, path: Path, model_config: Path) -> None:
-    """Strict load with a one-line message saying which keys or shapes disagree."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-    if mismatched:
-        problems.append(f"shape (checkpoint vs config) {', '.join(mismatched[:3])}")
-    if problems:
-        raise CheckpointError(
-            f"{path}: ema_state_dict does not fit the model of {model_config} ({'; '.join(problems)}); "
-            "pass the --model_config (and SentencePiece model) the checkpoint was trained with"
-        )
-    model.load_state_dict(state_dict, strict=True)
 
 
 def load_hardware_checkpoint(path: Path, device: torch.device) -> Validatable:
@@ -166,14 +137,22 @@ def load_hardware_checkpoint(path: Path, device: torch.device) -> Validatable:
     )
 
 
-def load_for_validation(path: Path, model_config: Path, device: torch.device) -> Validatable:
-    """Read ``path`` and dispatch on its content: hardware or training checkpoint."""
+def load_for_validation(path: Path, model_config: Optional[Path], device: torch.device) -> Validatable:
+    """Read ``path`` and dispatch on its content: hardware or training checkpoint.
+
+    Warns in one line when the weights hold NaN or Inf (the WER then means nothing).
+    """
     # mmap: deciding the kind touches no tensor, so a big training checkpoint costs little here.
     ckpt = read_checkpoint(path)
     if is_hardware_checkpoint(ckpt):
         del ckpt
-        return load_hardware_checkpoint(path, device)
-    return load_training_checkpoint(path, ckpt, model_config, device)
+        target = load_hardware_checkpoint(path, device)
+    else:
+        target = load_training_checkpoint(path, ckpt, model_config, device)
+    bad = first_non_finite(target.model.state_dict())
+    if bad is not None:
+        warnings.warn(f"{path}: weight '{bad}' holds NaN or Inf (training diverged); its WER means nothing", stacklevel=2)
+    return target
 
 
 def validate(
@@ -245,15 +224,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--ckpt",
         required=True,
         type=Path,
-        help="training checkpoint (*.pt: EMA weights, needs --model_config), hardware checkpoint "
+        help="training checkpoint (*.pt: EMA weights, with the config it recorded), hardware checkpoint "
         "(*.hw.pt: self-contained) or a directory of them",
     )
     parser.add_argument(
         "--model_config",
         type=Path,
         default=None,
-        help=f"YAML config of a training checkpoint (default: {DEFAULT_MODEL_CONFIG} in the "
-        "repository); not read for hardware checkpoints",
+        help="YAML config of a training checkpoint (default: the config the checkpoint recorded; for "
+        f"checkpoints that record none, {DEFAULT_MODEL_CONFIG} in the repository); not read for hardware "
+        "checkpoints",
     )
     parser.add_argument(
         "--val_manifests",
@@ -329,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     _check_args(args)
     device = _device(args.device)
-    model_config = args.model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG
+    model_config = args.model_config
     manifests = args.val_manifests or [str(REPO_ROOT / DEFAULT_VAL_MANIFEST)]
     shown_manifests = " ".join(args.val_manifests or [DEFAULT_VAL_MANIFEST])
     dataset_dir = args.dataset_dir or Path(manifests[0]).parent

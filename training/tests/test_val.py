@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from caiman_asr_train import val
+from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
@@ -93,7 +94,14 @@ def setup(tmp_path_factory) -> dict:
     )
     train_ckpt = checkpointer.save(model, ema, step=20, **common)
     blank_ckpt = checkpointer.save(ema, blank_ema, step=30, filepath=root / "blank_ema.pt", **common)
+    # As train.py saves it: the checkpoint carries its config, so no --model_config is needed.
+    described_ckpt = checkpointer.save(model, ema, step=20, filepath=root / "described.pt", config=cfg, **common)
+    with torch.no_grad():
+        ema.joint_enc.weight[0, 0] = float("inf")
+    diverged_ckpt = checkpointer.save(model, ema, step=40, filepath=root / "diverged.pt", config=cfg, **common)
     return {
+        "described_ckpt": described_ckpt,
+        "diverged_ckpt": diverged_ckpt,
         "root": root,
         "data": data,
         "manifest": data / "dev.json",
@@ -262,7 +270,7 @@ def test_user_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump(cfg))
     err = cli_error(capsys, ["--ckpt", str(setup["train_ckpt"]), *manifest, "--model_config", str(wrong)])
-    assert "does not fit the model of" in err and "encoder.pre_rnn.lstm.weight_ih_l0" in err
+    assert "does not fit the model" in err and "encoder.pre_rnn.lstm.weight_ih_l0" in err and "--model_config" in err
 
 
 def test_command_line_script_and_val_sh(setup, hw_ckpt, tmp_path):
@@ -285,3 +293,28 @@ def test_command_line_script_and_val_sh(setup, hw_ckpt, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert WER_LINE.match(ok.stdout.strip().splitlines()[-1])
     assert (tmp_path / "RNN-T_step20_checkpoint.hw.predictions.json").is_file()
+
+
+def test_a_checkpoint_that_records_its_config_needs_no_model_config(setup, tmp_path, capsys):
+    _, with_flag = run_val(setup, setup["train_ckpt"], tmp_path / "a", capsys)
+    # The YAML on disk no longer matters: the checkpoint's recorded config is used.
+    broken = tmp_path / "moved.yaml"
+    argv = ["--ckpt", str(setup["described_ckpt"]), "--val_manifests", str(setup["manifest"])]
+    argv += ["--output_dir", str(tmp_path / "b"), "--device", "cpu", "--max_symbol_per_sample", "2"]
+    assert not broken.exists()
+    assert val.main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == with_flag[-1]
+    # --model_config still overrides: a config of another size no longer fits the weights.
+    cfg = yaml.safe_load(setup["config"].read_text())
+    cfg["rnnt"]["enc_n_hid"] = 32
+    broken.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="does not fit the model"):
+        val.main(argv + ["--model_config", str(broken)])
+
+
+def test_non_finite_weights_are_reported_in_one_warning(setup, tmp_path, capsys):
+    argv = ["--ckpt", str(setup["diverged_ckpt"]), "--val_manifests", str(setup["manifest"]), "--num_utterances", "1"]
+    argv += ["--output_dir", str(tmp_path), "--device", "cpu", "--max_symbol_per_sample", "2"]
+    with pytest.warns(UserWarning, match=r"diverged.pt: weight 'joint_enc.weight' holds NaN or Inf") as caught:
+        val.main(argv)
+    assert all("\n" not in str(w.message) for w in caught)

@@ -93,6 +93,17 @@ class Checkpoint:
     best_wer: float
 
 
+def is_hardware_checkpoint(ckpt: Any) -> bool:
+    """True for a hardware checkpoint's dict: it carries a key only hardware checkpoints have.
+
+    ``rnnt_config`` and ``sentpiece_model`` never occur in a training checkpoint,
+    so either one decides (a damaged hardware checkpoint is then reported by
+    ``validate_hw_checkpoint``, naming what is missing, rather than as a
+    training checkpoint without weights). The file name plays no part.
+    """
+    return isinstance(ckpt, Mapping) and ("rnnt_config" in ckpt or "sentpiece_model" in ckpt)
+
+
 def read_checkpoint(path: PathLike, mmap: bool = True) -> dict:
     """Load a torch checkpoint file safely (``weights_only=True``) onto the CPU.
 

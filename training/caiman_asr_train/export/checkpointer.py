@@ -7,7 +7,18 @@ Files in ``save_dir``:
     {model_name}_last_checkpoint.pt      is_last=True (end of training)
 
 Each is a plain dict of tensors and built-in types pickled with protocol 2, so
-``torch.load(..., weights_only=True)`` reads it. Writes are atomic (temporary
+``torch.load(..., weights_only=True)`` reads it. Besides the SPEC keys
+(``TRAINING_CHECKPOINT_KEYS``) a checkpoint describes its own model:
+
+    model_config   dict   ``dataclasses.asdict(ConfigRNNT)`` of the model (its shape)
+    config         dict   the parsed YAML config of the run, paths absolute
+    asset_sha256   dict   sha256 hex of the files a hardware checkpoint embeds
+                          (``sentpiece_model``, ``melmeans.pt``, ``melvars.pt``)
+
+so validation and export need no YAML, and an export can tell when the
+tokenizer or statistics on disk are no longer the ones the model was trained
+with. Checkpoints written before these keys existed still load; they need an
+explicit config. Writes are atomic (temporary
 file, fsync, rename): a crash at any moment leaves either the previous file or
 the complete new one under the final name. Under ``torch.distributed`` only
 rank 0 touches the disk; every rank meets at barriers around a save.
@@ -15,6 +26,7 @@ rank 0 touches the disk; every rank meets at barriers around a save.
 
 import dataclasses
 import enum
+import hashlib
 import os
 import re
 import warnings
@@ -28,12 +40,42 @@ import torch
 from torch import nn
 
 from caiman_asr_train.core.errors import CheckpointError
-from caiman_asr_train.core.load_hw import read_checkpoint
+from caiman_asr_train.core.load_hw import is_hardware_checkpoint, read_checkpoint
 from caiman_asr_train.utils.atomic import atomic_torch_save
 
-__all__ = ["Checkpointer", "LoadReport", "read_checkpoint", "to_plain"]
+__all__ = [
+    "TRAINING_CHECKPOINT_KEYS",
+    "Checkpointer",
+    "LoadReport",
+    "asset_files",
+    "asset_sha256",
+    "changed_assets",
+    "check_training_checkpoint",
+    "first_non_finite",
+    "is_training_checkpoint",
+    "load_weights",
+    "read_checkpoint",
+    "recorded_config",
+    "to_plain",
+]
 
 PathLike = Union[str, os.PathLike]
+
+# SPEC section 8: every training checkpoint has these keys (more may follow).
+TRAINING_CHECKPOINT_KEYS = (
+    "epoch",
+    "step",
+    "best_wer",
+    "state_dict",
+    "ema_state_dict",
+    "optimizer",
+    "tokenizer_kw",
+    "logmel_norm_weight",
+)
+# What a checkpoint records about itself (module docstring).
+SELF_DESCRIPTION_KEYS = ("config_path", "model_config", "config", "asset_sha256")
+# The mel statistics a hardware checkpoint embeds, inside input_val.filterbank_features.stats_path.
+EMBEDDED_STATS_FILES = ("melmeans.pt", "melvars.pt")
 
 
 def _distributed() -> bool:
@@ -100,6 +142,87 @@ def _state_dict(module: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict(_unwrap(module).state_dict())
 
 
+def check_training_checkpoint(ckpt: Any, source: str) -> None:
+    """Raise ``CheckpointError`` naming what makes ``ckpt`` not a training checkpoint.
+
+    ``source`` names the file in the message ("checkpoint results/x.pt").
+    """
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if is_hardware_checkpoint(ckpt):
+        raise CheckpointError(f"{source} is a hardware checkpoint (*.hw.pt), not a training checkpoint saved by train.py")
+    for key in TRAINING_CHECKPOINT_KEYS:
+        if key not in ckpt:
+            raise CheckpointError(f"{source}: key '{key}' is missing; use a training checkpoint saved by train.py")
+    for key in ("state_dict", "ema_state_dict"):
+        weights = ckpt[key]
+        if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+            raise CheckpointError(f"{source}: '{key}' is not a dict of tensors; use a training checkpoint saved by train.py")
+
+
+def is_training_checkpoint(ckpt: Any) -> bool:
+    """True for a training checkpoint's dict: every SPEC section 8 key, weights as dicts of tensors."""
+    try:
+        check_training_checkpoint(ckpt, "checkpoint")
+    except CheckpointError:
+        return False
+    return True
+
+
+def recorded_config(ckpt: Mapping) -> Optional[dict]:
+    """The YAML config the run recorded in the checkpoint (paths absolute); None for older checkpoints."""
+    cfg = ckpt.get("config")
+    return cfg if isinstance(cfg, dict) else None
+
+
+def asset_files(cfg: Mapping) -> dict[str, Path]:
+    """The files whose bytes a hardware checkpoint built from ``cfg`` embeds: name -> path.
+
+    Names: ``sentpiece_model`` and the ``EMBEDDED_STATS_FILES`` of
+    ``input_val.filterbank_features.stats_path`` (when set).
+    """
+    files = {"sentpiece_model": Path(cfg["tokenizer"]["sentpiece_model"])}
+    stats_path = cfg["input_val"]["filterbank_features"].get("stats_path")
+    if stats_path:
+        files.update((name, Path(stats_path) / name) for name in EMBEDDED_STATS_FILES)
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def asset_sha256(cfg: Mapping) -> dict[str, str]:
+    """sha256 hex of each existing file of ``asset_files(cfg)``: name -> digest."""
+    return {name: _sha256(path) for name, path in asset_files(cfg).items() if path.is_file()}
+
+
+def changed_assets(ckpt: Mapping, cfg: Mapping) -> list[tuple[str, Path]]:
+    """``(name, path)`` of each embedded file of ``cfg`` whose bytes differ from the hash ``ckpt`` recorded.
+
+    A file the checkpoint recorded no hash for (older checkpoints record none)
+    is not compared, nor is a missing file (whose reader reports it).
+    """
+    recorded = ckpt.get("asset_sha256") or {}
+    return [
+        (name, path)
+        for name, path in asset_files(cfg).items()
+        if name in recorded and path.is_file() and _sha256(path) != recorded[name]
+    ]
+
+
+def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or Inf, else None."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 @dataclasses.dataclass
 class LoadReport:
     """What a non-strict load did: keys copied, keys the module kept, keys ignored."""
@@ -109,11 +232,29 @@ class LoadReport:
     unexpected: list[str]
     mismatched: list[str]
 
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> str:
+        """``str(self)`` plus the shapes of the first two mismatched tensors (file vs model)."""
+        shapes = "".join(
+            f"; {k} is {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model"
+            for k in self.mismatched[:2]
+        )
+        return f"{self}{shapes}"
+
     def __str__(self) -> str:
         return (
-            f"loaded {len(self.loaded)} tensors; missing {self.missing or 'none'}; "
-            f"unexpected {self.unexpected or 'none'}; shape mismatch {self.mismatched or 'none'}"
+            f"loaded {len(self.loaded)} tensors; missing {_first(self.missing)}; "
+            f"unexpected {_first(self.unexpected)}; shape mismatch {_first(self.mismatched)}"
         )
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class Checkpointer:
@@ -176,15 +317,14 @@ class Checkpointer:
         is_best: bool = False,
         is_last: bool = False,
         filepath: Optional[PathLike] = None,
+        config: Optional[Mapping] = None,
+        asset_sha256: Optional[Mapping[str, str]] = None,
         **extra: Any,
     ) -> Optional[Path]:
         """Write a checkpoint atomically; return its path on rank 0 and None on other ranks.
 
         The file is ``filepath`` if given, else the best or last path, else the
-        step path of ``step``. Keys: SPEC section 8 (epoch, step, best_wer
-        [fraction], state_dict, ema_state_dict, optimizer, tokenizer_kw,
-        logmel_norm_weight), ``config_path``, and ``extra`` (e.g. dev_wer,
-        rng_state, data_state, config_text), all converted by ``to_plain``.
+        step path of ``step``. Its dict is ``training_checkpoint(...)``'s.
         Models may be DDP-wrapped. Every rank must call this.
         """
         if sum([is_best, is_last, filepath is not None]) > 1:
@@ -197,27 +337,25 @@ class Checkpointer:
             path = self.last_path
         else:
             path = self.step_path(step)
-        reserved = {"epoch", "step", "best_wer", "state_dict", "ema_state_dict", "optimizer",
-                    "tokenizer_kw", "logmel_norm_weight", "config_path"} & set(extra)
-        if reserved:
-            raise ValueError(f"extra keys {sorted(reserved)} would overwrite checkpoint keys")
 
         _barrier()
         written = None
         try:
             if _is_writer():
-                checkpoint = {
-                    "epoch": int(epoch),
-                    "step": int(step),
-                    "best_wer": float(best_wer),
-                    "state_dict": _state_dict(model),
-                    "ema_state_dict": _state_dict(ema_model),
-                    "optimizer": to_plain(optimizer.state_dict()) if optimizer is not None else None,
-                    "tokenizer_kw": to_plain(tokenizer_kw),
-                    "logmel_norm_weight": float(logmel_norm_weight),
-                    "config_path": None if config_path is None else os.fspath(config_path),
-                    **to_plain(extra),
-                }
+                checkpoint = training_checkpoint(
+                    model,
+                    ema_model,
+                    optimizer,
+                    epoch=epoch,
+                    step=step,
+                    best_wer=best_wer,
+                    tokenizer_kw=tokenizer_kw,
+                    logmel_norm_weight=logmel_norm_weight,
+                    config_path=config_path,
+                    config=config,
+                    asset_sha256=asset_sha256,
+                    **extra,
+                )
                 atomic_torch_save(checkpoint, path)
                 written = path
                 # Only now is the new file in place, so deleting old ones loses nothing.
@@ -285,10 +423,10 @@ class Checkpointer:
         for key, module in targets:
             if not isinstance(checkpoint.get(key), Mapping):
                 raise CheckpointError(f"checkpoint {path}: key '{key}' is missing; it is not a training checkpoint")
-            self.load_reports[key] = _load_weights(_unwrap(module), checkpoint[key], strict, f"{path} [{key}]")
+            self.load_reports[key] = load_weights(module, checkpoint[key], strict=strict, source=f"{path} [{key}]")
         if optimizer is not None:
             state = checkpoint.get("optimizer")
-            complete = all(not (r.missing or r.unexpected or r.mismatched) for r in self.load_reports.values())
+            complete = all(report.complete for report in self.load_reports.values())
             if state is None:
                 warnings.warn(f"checkpoint {path} has no optimizer state; the optimizer starts afresh", stacklevel=2)
             elif not complete:
@@ -304,23 +442,88 @@ class Checkpointer:
         return checkpoint
 
 
-def _load_weights(module: nn.Module, state_dict: Mapping, strict: bool, source: str) -> LoadReport:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+def training_checkpoint(
+    model: nn.Module,
+    ema_model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    *,
+    epoch: int,
+    step: int,
+    best_wer: float,
+    tokenizer_kw: Mapping,
+    logmel_norm_weight: float,
+    config_path: Optional[PathLike] = None,
+    config: Optional[Mapping] = None,
+    asset_sha256: Optional[Mapping[str, str]] = None,
+    **extra: Any,
+) -> dict:
+    """The training-checkpoint dict, the one place its layout is written.
+
+    Keys: SPEC section 8 (epoch, step, best_wer [fraction], state_dict,
+    ema_state_dict, optimizer, tokenizer_kw, logmel_norm_weight); the
+    self-description of the module docstring (``model_config`` from the model's
+    ``ConfigRNNT`` when it has one, ``config``, ``asset_sha256``,
+    ``config_path``); and ``extra`` (e.g. dev_wer, rng_state, data_state), all
+    converted by ``to_plain``. Models may be DDP-wrapped.
+    """
+    reserved = (set(TRAINING_CHECKPOINT_KEYS) | set(SELF_DESCRIPTION_KEYS)) & set(extra)
+    if reserved:
+        raise ValueError(f"extra keys {sorted(reserved)} would overwrite checkpoint keys")
+    model_config = getattr(_unwrap(model), "config", None)
+    return {
+        "epoch": int(epoch),
+        "step": int(step),
+        "best_wer": float(best_wer),
+        "state_dict": _state_dict(model),
+        "ema_state_dict": _state_dict(ema_model),
+        "optimizer": to_plain(optimizer.state_dict()) if optimizer is not None else None,
+        "tokenizer_kw": to_plain(tokenizer_kw),
+        "logmel_norm_weight": float(logmel_norm_weight),
+        "config_path": None if config_path is None else os.fspath(config_path),
+        "model_config": to_plain(model_config) if dataclasses.is_dataclass(model_config) else None,
+        "config": None if config is None else to_plain(config),
+        "asset_sha256": None if asset_sha256 is None else dict(asset_sha256),
+        **to_plain(extra),
+    }
+
+
+def weights_report(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    """How ``state_dict`` fits a model whose own weights are ``own`` (names and shapes; values unused)."""
     mismatched = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
-    report = LoadReport(
+    return LoadReport(
         loaded=[k for k in own if k in state_dict and k not in mismatched],
-        missing=missing,
-        unexpected=unexpected,
+        missing=[k for k in own if k not in state_dict],
+        unexpected=[k for k in state_dict if k not in own],
         mismatched=mismatched,
     )
-    if strict and (missing or unexpected or mismatched):
+
+
+def load_weights(
+    module: nn.Module,
+    state_dict: Mapping,
+    *,
+    strict: bool = True,
+    source: str = "checkpoint",
+    hint: str = "use the config the checkpoint was trained with, or load with strict=False",
+) -> LoadReport:
+    """Copy ``state_dict`` into ``module`` (DDP-wrapped or not) and report what matched.
+
+    ``strict`` refuses any missing, unexpected or differently shaped tensor with
+    one line naming the first few (``source`` names the file, ``hint`` says
+    what to do). Otherwise the
+    matching tensors are copied and a warning gives the report.
+
+    Raises:
+        CheckpointError: (strict) the weights do not fit the module.
+    """
+    module = _unwrap(module)
+    own = module.state_dict()
+    report = weights_report(own, state_dict)
+    if strict and not report.complete:
         raise CheckpointError(
-            f"checkpoint {source} does not fit the model ({report}); use the config it was trained "
-            "with, or load with strict=False"
+            f"{source} does not fit the model ({report.describe(own, state_dict)}); {hint}"
         )
     module.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
-    if missing or unexpected or mismatched:
+    if not report.complete:
         warnings.warn(f"partial load of {source}: {report}", stacklevel=3)
     return report

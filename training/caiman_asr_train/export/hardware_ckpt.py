@@ -13,14 +13,21 @@ A hardware checkpoint is a plain dict pickled with protocol 2:
     rnnt_config           dict                               inference_only_config(cfg)
     raw_prefix_token_map  dict[str, list[int]]               rnnt.prefix_token_map ({} if unset)
 
-Every refusal raises ``HardwareCheckpointError`` before anything is written.
+The config is the one the training checkpoint recorded (``config`` key, see
+``export/checkpointer.py``) unless one is given; checkpoints written before
+that key existed need it given. Every refusal raises ``HardwareCheckpointError``
+before anything is written: besides the SPEC refusals, non-finite weights
+(naming the tensor), weights that do not fit the config (whatever
+``skip_state_dict_check`` says), and a SentencePiece model or statistics file
+whose bytes differ from the hash the training run recorded (unless
+``allow_changed_assets``).
 The training checkpoint is opened with mmap, so only the EMA weights are read
 from disk; the optimizer state and raw weights are never pulled into memory.
 
 Command line (from the repository root):
 
     python training/caiman_asr_train/export/hardware_ckpt.py --ckpt results/RNN-T_best_checkpoint.pt \\
-        --config training/configs/demo.yaml --output_ckpt results/RNN-T_best_checkpoint.hw.pt
+        --output_ckpt results/RNN-T_best_checkpoint.hw.pt
 """
 
 import argparse
@@ -33,25 +40,58 @@ from typing import Optional, Union
 import torch
 from pydantic import ValidationError
 
-from caiman_asr_train.core.errors import ConfigError, DataError, HardwareCheckpointError, TokenizerError
+from caiman_asr_train.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    HardwareCheckpointError,
+    TokenizerError,
+    UserError,
+)
 from caiman_asr_train.core.export_schema import RNNTInferenceConfigSchema
-from caiman_asr_train.core.load_hw import HW_CKPT_VERSION, read_checkpoint, validate_hw_checkpoint
+from caiman_asr_train.core.load_hw import (
+    HW_CKPT_VERSION,
+    is_hardware_checkpoint,
+    read_checkpoint,
+    validate_hw_checkpoint,
+)
+from caiman_asr_train.core.model import RNNT as CoreRNNT
 from caiman_asr_train.data.features import load_mel_stats
 from caiman_asr_train.data.ngram import find_ngram, is_kenlm_binary
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.export.model_schema import CheckpointNotSupportedError, check_model_schema, return_schemas
+from caiman_asr_train.export.checkpointer import (
+    changed_assets,
+    check_training_checkpoint,
+    first_non_finite,
+    recorded_config,
+    weights_report,
+)
+from caiman_asr_train.export.model_schema import (
+    CheckpointNotSupportedError,
+    check_model_schema,
+    return_schemas,
+)
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.config import load as load_config
+from caiman_asr_train.rnnt.model import config_rnnt
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.paths import REPO_ROOT
 
-__all__ = ["HW_CKPT_VERSION", "create_hardware_ckpt", "fpga_variant", "inference_only_config", "save_hardware_ckpt"]
+__all__ = [
+    "HW_CKPT_VERSION",
+    "create_hardware_ckpt",
+    "fpga_variant",
+    "hw_path",
+    "inference_only_config",
+    "is_hardware_checkpoint",
+    "save_hardware_ckpt",
+]
 
 PathLike = Union[str, Path]
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+# The config hardware_ckpt.py falls back to for checkpoints that record none (upstream behaviour).
 DEFAULT_CONFIG = Path("training/configs/demo.yaml")
-TRAINING_KEYS = ("ema_state_dict", "epoch", "step", "best_wer", "logmel_norm_weight")
 _NGRAM_HINT = "build one with scripts/generate_ngram.sh, pass --override_ngram_path FILE, or pass --skip_ngram"
 
 
@@ -74,38 +114,72 @@ def fpga_variant(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
         return None
 
 
+def hw_path(ckpt: PathLike) -> Path:
+    """``X.pt`` -> ``X.hw.pt`` next to it (RNN-T_best_checkpoint.pt -> RNN-T_best_checkpoint.hw.pt).
+
+    A name without ``.pt`` gets ``.hw.pt`` appended.
+    """
+    ckpt = Path(ckpt)
+    stem = ckpt.name[: -len(".pt")] if ckpt.name.endswith(".pt") else ckpt.name
+    return ckpt.with_name(f"{stem}.hw.pt")
+
+
 def create_hardware_ckpt(
     ckpt: Union[Mapping, PathLike],
-    config: Union[dict, PathLike],
+    config: Union[dict, PathLike, None] = None,
     *,
     skip_ngram: bool = False,
     override_ngram_path: Optional[PathLike] = None,
     skip_state_dict_check: bool = False,
+    allow_changed_assets: bool = False,
 ) -> dict:
     """Build the hardware-checkpoint dict (layout in the module docstring) from a training checkpoint.
 
     Args:
         ckpt: a training checkpoint dict or the path of one (read with mmap).
-        config: the model's config dict (``rnnt.config.load``) or YAML path.
+        config: the model's config dict (``rnnt.config.load``) or YAML path;
+            None uses the config the checkpoint recorded.
         skip_ngram: store no n-gram (``binary`` and ``scale_factor`` None).
         override_ngram_path: a KenLM binary (or a directory holding
             ``ngram.binary``) to embed instead of the config's ``ngram.ngram_path``.
         skip_state_dict_check: accept weights that match no FPGA variant; the
-            result is then for software use only and a warning says so.
+            result is then for software use only and a warning says so. Weights
+            must still fit ``config``.
+        allow_changed_assets: embed the SentencePiece model and mel statistics
+            even when they differ from the files the training run recorded.
 
     Raises:
         HardwareCheckpointError: ``logmel_norm_weight`` is not 1.0; mel
             statistics, SentencePiece model or n-gram missing; n-gram not a
             KenLM binary; weights matching no FPGA variant (its subclass
-            ``CheckpointNotSupportedError``); or a training key missing.
+            ``CheckpointNotSupportedError``); non-finite weights; weights that
+            do not fit the config; changed tokenizer or statistics; no config
+            given or recorded; or not a training checkpoint.
         ConfigError, CheckpointError: unreadable config or checkpoint.
     """
-    cfg = config if isinstance(config, dict) else load_config(config)
     source = "training checkpoint" if isinstance(ckpt, Mapping) else f"training checkpoint {ckpt}"
     training = ckpt if isinstance(ckpt, Mapping) else read_checkpoint(ckpt, mmap=True)
-    for key in TRAINING_KEYS:
-        if key not in training:
-            raise HardwareCheckpointError(f"{source}: key '{key}' is missing; export a checkpoint saved by train.py")
+    try:
+        check_training_checkpoint(training, source)
+    except CheckpointError as exc:
+        raise HardwareCheckpointError(str(exc)) from None
+    if config is None:
+        cfg = recorded_config(training)
+        if cfg is None:
+            raise HardwareCheckpointError(
+                f"{source} records no config (it was saved before checkpoints carried one); "
+                "pass the YAML it was trained with (--config)"
+            )
+    else:
+        cfg = config if isinstance(config, dict) else load_config(config)
+    if not allow_changed_assets:
+        changed = changed_assets(training, cfg)
+        if changed:
+            name, path = changed[0]
+            raise HardwareCheckpointError(
+                f"{path} ({name}) is not the file {source} was trained with (its sha256 differs from the "
+                "recorded one); restore that file, or pass --allow_changed_assets to embed this one on purpose"
+            )
 
     weight = training["logmel_norm_weight"]
     if weight != 1.0:
@@ -115,6 +189,11 @@ def create_hardware_ckpt(
             "and export a later checkpoint"
         )
     state_dict = _float32_state_dict(training["ema_state_dict"], source)
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise HardwareCheckpointError(
+            f"{source}: EMA weight '{bad}' holds NaN or Inf (training diverged); export an earlier checkpoint"
+        )
     if fpga_variant(state_dict) is None:
         if not skip_state_dict_check:
             check_model_schema(state_dict, return_schemas())  # raises with the closest difference
@@ -126,6 +205,7 @@ def create_hardware_ckpt(
     n_classes = state_dict["joint_net.2.weight"].shape[0] if "joint_net.2.weight" in state_dict else None
     melmeans, melvars = _mel_stats(cfg)
     sentpiece_model = _sentencepiece_model(cfg, n_classes)
+    _check_fits_config(state_dict, cfg, source)
     try:
         epoch, step, best_wer = int(training["epoch"]), int(training["step"]), float(training["best_wer"])
     except (TypeError, ValueError):
@@ -146,6 +226,20 @@ def create_hardware_ckpt(
         "rnnt_config": inference_only_config(cfg),
         "raw_prefix_token_map": _prefix_token_map(cfg, n_classes),
     }
+
+
+def _check_fits_config(state_dict: Mapping[str, torch.Tensor], cfg: dict, source: str) -> None:
+    """Refuse weights whose names or shapes differ from the model ``cfg`` describes."""
+    n_classes = Tokenizer(cfg["tokenizer"]["sentpiece_model"]).num_labels + 1
+    # On the meta device the model costs no memory: only names and shapes are compared.
+    with torch.device("meta"):
+        own = CoreRNNT(config_rnnt(n_classes, **config.rnnt(cfg))).state_dict()
+    report = weights_report(own, state_dict)
+    if not report.complete:
+        raise HardwareCheckpointError(
+            f"{source}: the EMA weights do not fit the config's model ({report.describe(own, state_dict)}); "
+            "export with the config the checkpoint was trained with"
+        )
 
 
 def save_hardware_ckpt(hw: dict, path: PathLike) -> None:
@@ -250,20 +344,14 @@ def _prefix_token_map(cfg: dict, n_classes: Optional[int]) -> dict:
     return prefix_map
 
 
-def default_output_path(ckpt: PathLike) -> Path:
-    """``X.pt`` -> ``X.hw.pt`` next to it (RNN-T_best_checkpoint.pt -> RNN-T_best_checkpoint.hw.pt)."""
-    ckpt = Path(ckpt)
-    stem = ckpt.name[: -len(".pt")] if ckpt.name.endswith(".pt") else ckpt.name
-    return ckpt.with_name(f"{stem}.hw.pt")
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export a training checkpoint as a hardware checkpoint (*.hw.pt).")
     parser.add_argument("--ckpt", required=True, help="training checkpoint to export (its EMA weights are used)")
     parser.add_argument(
         "--config",
         default=None,
-        help=f"YAML model config the checkpoint was trained with (default: {DEFAULT_CONFIG} in the repository)",
+        help="YAML model config to export with (default: the config the checkpoint recorded; for checkpoints "
+        f"that record none, {DEFAULT_CONFIG} in the repository)",
     )
     parser.add_argument(
         "--output_ckpt", default=None, help="where to write the hardware checkpoint (default: --ckpt with .hw.pt)"
@@ -275,22 +363,35 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--skip_state_dict_check",
         action="store_true",
-        help="accept weights that match no FPGA-supported variant (the file is then for software use only)",
+        help="accept weights that match no FPGA-supported variant (the file is then for software use only); "
+        "the weights must still fit the config",
+    )
+    parser.add_argument(
+        "--allow_changed_assets",
+        action="store_true",
+        help="embed the config's SentencePiece model and mel statistics even when their bytes differ from "
+        "the files the training run recorded",
     )
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    output = Path(args.output_ckpt) if args.output_ckpt else default_output_path(args.ckpt)
+    output = Path(args.output_ckpt) if args.output_ckpt else hw_path(args.ckpt)
+    if output.resolve() == Path(args.ckpt).resolve():
+        raise UserError(f"--output_ckpt {output} is the input --ckpt; choose another output path")
+    config_arg = args.config
+    if config_arg is None and recorded_config(read_checkpoint(args.ckpt, mmap=True)) is None:
+        config_arg = REPO_ROOT / DEFAULT_CONFIG
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hw = create_hardware_ckpt(
             args.ckpt,
-            args.config or REPO_ROOT / DEFAULT_CONFIG,
+            config_arg,
             skip_ngram=args.skip_ngram,
             override_ngram_path=args.override_ngram_path,
             skip_state_dict_check=args.skip_state_dict_check,
+            allow_changed_assets=args.allow_changed_assets,
         )
     save_hardware_ckpt(hw, output)
     for warning in caught:
@@ -307,3 +408,41 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     run_cli(main)
+
+
+def hardware_ckpt_with_weights(hw: Mapping, state_dict: Mapping[str, torch.Tensor], **fields: object) -> dict:
+    """A copy of the hardware checkpoint dict ``hw`` with ``state_dict``'s weights and ``fields`` in place of its own.
+
+    The weights keep ``hw``'s key order and dtypes; every other key (config,
+    statistics, SentencePiece, n-gram, version) is ``hw``'s unless ``fields``
+    replaces it (averaging passes ``epoch``, ``step`` and ``best_wer``).
+
+    Raises:
+        HardwareCheckpointError: ``state_dict`` lacks one of ``hw``'s weights, has
+            one it lacks, or a shape differs; or ``fields`` names an unknown key.
+    """
+    own = hw["state_dict"]
+    for key in own:
+        if key not in state_dict:
+            raise HardwareCheckpointError(
+                f"the hardware checkpoint's weight '{key}' is not in the new weights; "
+                "use a hardware checkpoint of the same model"
+            )
+        if tuple(state_dict[key].shape) != tuple(own[key].shape):
+            raise HardwareCheckpointError(
+                f"the hardware checkpoint's '{key}' has shape {list(own[key].shape)} but the new weights "
+                f"have {list(state_dict[key].shape)}; use a hardware checkpoint of the same model"
+            )
+    extra = [key for key in state_dict if key not in own]
+    if extra:
+        raise HardwareCheckpointError(
+            f"the hardware checkpoint has no weight '{extra[0]}' that the new weights have; "
+            "use a hardware checkpoint of the same model"
+        )
+    unknown = [key for key in fields if key not in hw]
+    if unknown:
+        raise HardwareCheckpointError(f"'{unknown[0]}' is not a hardware checkpoint key; see SPEC section 9")
+    result = dict(hw)
+    result["state_dict"] = OrderedDict((key, _own_storage(state_dict[key].to(own[key].dtype))) for key in own)
+    result.update(fields)
+    return result

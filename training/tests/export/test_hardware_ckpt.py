@@ -11,16 +11,19 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from caiman_asr_train.core.errors import HardwareCheckpointError
+from caiman_asr_train.core.errors import HardwareCheckpointError, UserError
 from caiman_asr_train.core.export_schema import RNNTInferenceConfigSchema
 from caiman_asr_train.core.model import RNNT, ConfigRNNT
 from caiman_asr_train.export import hardware_ckpt
 from caiman_asr_train.export.hardware_ckpt import (
     create_hardware_ckpt,
     fpga_variant,
+    hw_path,
     inference_only_config,
+    is_hardware_checkpoint,
     save_hardware_ckpt,
 )
+from caiman_asr_train.export.checkpointer import asset_sha256, is_training_checkpoint
 from caiman_asr_train.export.model_schema import CheckpointNotSupportedError
 from caiman_asr_train.utils.cli import run_cli
 
@@ -44,8 +47,8 @@ SPEC_LAYOUT = {
 }
 
 
-def export(env, **kwargs) -> dict:
-    return create_hardware_ckpt(env.ckpt_path, env.config_path, skip_state_dict_check=True, **kwargs)
+def export(env, ckpt=None, **kwargs) -> dict:
+    return create_hardware_ckpt(ckpt or env.ckpt_path, env.config_path, skip_state_dict_check=True, **kwargs)
 
 
 def test_layout_is_exactly_spec_section_9(export_env):
@@ -216,7 +219,97 @@ def test_command_line_script_writes_and_reports(export_env):
     assert torch.load(output, weights_only=True)["ngram"] == {"binary": None, "scale_factor": None}
 
 
-def test_default_output_path_sits_next_to_the_training_checkpoint():
-    assert hardware_ckpt.default_output_path("results/RNN-T_best_checkpoint.pt") == Path(
-        "results/RNN-T_best_checkpoint.hw.pt"
-    )
+def test_hw_path_sits_next_to_the_training_checkpoint():
+    assert hw_path("results/RNN-T_best_checkpoint.pt") == Path("results/RNN-T_best_checkpoint.hw.pt")
+    assert hw_path("results/model.ckpt") == Path("results/model.ckpt.hw.pt")
+
+
+def self_describing(env) -> Path:
+    """A checkpoint of env's models that records its config and asset hashes, as train.py saves them."""
+    return env.save(env.dir / "results/described.pt", config=env.cfg, asset_sha256=asset_sha256(env.cfg))
+
+
+def test_a_self_describing_checkpoint_exports_without_a_config(export_env):
+    path = self_describing(export_env)
+    hw = create_hardware_ckpt(path, skip_state_dict_check=True)
+    assert hw["rnnt_config"] == inference_only_config(export_env.cfg)
+    assert hw["sentpiece_model"] == export_env.spm_path.read_bytes()
+
+
+def test_a_yaml_edited_after_training_does_not_change_the_export(export_env):
+    path = self_describing(export_env)
+    output = export_env.dir / "out.hw.pt"
+    argv = ["--ckpt", str(path), "--output_ckpt", str(output), "--skip_state_dict_check"]
+    hardware_ckpt.main(argv)
+    before = output.read_bytes()
+    edited = export_env.config_path.read_text().replace("scale_factor: 0.05", "scale_factor: 0.9")
+    export_env.config_path.write_text(edited.replace("enc_n_hid: 16", "enc_n_hid: 32"))
+    hardware_ckpt.main(argv)
+    assert output.read_bytes() == before
+    # The recorded config wins; an explicit --config still overrides (and here no longer fits).
+    with pytest.raises(HardwareCheckpointError, match="do not fit the config's model"):
+        hardware_ckpt.main(argv + ["--config", str(export_env.config_path)])
+
+
+def test_a_changed_tokenizer_or_statistics_file_is_refused_unless_allowed(export_env):
+    path = self_describing(export_env)
+    export_env.spm_path.write_bytes(export_env.spm_path.read_bytes() + b"\0")
+    with pytest.raises(HardwareCheckpointError, match=r"tiny.model \(sentpiece_model\).*--allow_changed_assets"):
+        create_hardware_ckpt(path, skip_state_dict_check=True)
+    export_env.spm_path.write_bytes(export_env.spm_path.read_bytes()[:-1])
+    melmeans = export_env.stats_dir / "melmeans.pt"
+    new_means = torch.load(melmeans, weights_only=True) + 1.0
+    torch.save(new_means, melmeans)
+    with pytest.raises(HardwareCheckpointError, match=r"melmeans.pt \(melmeans.pt\) is not the file"):
+        create_hardware_ckpt(path, skip_state_dict_check=True)
+    hw = create_hardware_ckpt(path, skip_state_dict_check=True, allow_changed_assets=True)
+    assert torch.equal(hw["melmeans"], new_means)
+
+
+def test_an_old_layout_checkpoint_needs_and_accepts_an_explicit_config(export_env):
+    ckpt = torch.load(export_env.ckpt_path, weights_only=True)
+    assert ckpt["config"] is None and ckpt["asset_sha256"] is None
+    for key in ("config", "model_config", "asset_sha256", "config_path"):
+        del ckpt[key]
+    old = export_env.dir / "old.pt"
+    torch.save(ckpt, old)
+    with pytest.raises(HardwareCheckpointError, match="records no config.*--config"):
+        create_hardware_ckpt(old, skip_state_dict_check=True)
+    hw = create_hardware_ckpt(old, export_env.config_path, skip_state_dict_check=True)
+    assert hw["step"] == 10
+
+
+def test_non_finite_ema_weights_are_refused_naming_the_tensor(export_env):
+    with torch.no_grad():
+        export_env.ema.joint_enc.weight[0, 0] = float("nan")
+    path = export_env.save(export_env.dir / "nan.pt")
+    with pytest.raises(HardwareCheckpointError, match="'joint_enc.weight' holds NaN or Inf"):
+        export(export_env, ckpt=path)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_even_with_skip_state_dict_check(export_env, tmp_path):
+    other = export_env.config_path.read_text().replace("pred_n_hid: 12", "pred_n_hid: 14")
+    other_path = export_env.dir / "other.yaml"
+    other_path.write_text(other)
+    output = tmp_path / "x.hw.pt"
+    argv = ["--ckpt", str(export_env.ckpt_path), "--config", str(other_path), "--output_ckpt", str(output)]
+    with pytest.raises(HardwareCheckpointError, match="do not fit the config's model.*prediction"):
+        hardware_ckpt.main(argv + ["--skip_state_dict_check"])
+    assert not output.exists()
+
+
+def test_an_output_equal_to_the_input_is_refused(export_env):
+    before = export_env.ckpt_path.read_bytes()
+    argv = ["--ckpt", str(export_env.ckpt_path), "--config", str(export_env.config_path)]
+    with pytest.raises(UserError, match="is the input --ckpt"):
+        hardware_ckpt.main(argv + ["--output_ckpt", str(export_env.ckpt_path), "--skip_state_dict_check"])
+    assert export_env.ckpt_path.read_bytes() == before
+
+
+def test_the_kind_of_a_checkpoint_is_decided_by_its_content(export_env):
+    training = torch.load(export_env.ckpt_path, weights_only=True)
+    hw = export(export_env)
+    assert is_training_checkpoint(training) and not is_hardware_checkpoint(training)
+    assert is_hardware_checkpoint(hw) and not is_training_checkpoint(hw)
+    assert not is_training_checkpoint({k: v for k, v in training.items() if k != "tokenizer_kw"})
+    assert not is_training_checkpoint([1, 2]) and not is_hardware_checkpoint([1, 2])
