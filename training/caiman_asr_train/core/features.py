@@ -140,8 +140,8 @@ class FilterbankFeatures(nn.Module):
     """Waveform -> natural-log mel power spectrogram, exactly as SPEC section 6.
 
     Per utterance: prepend ``int(sample_rate * (window_size - window_stride))``
-    zeros (the server's initial padding; ``initial_padding=False`` skips it, as
-    in DALI's own tests); add Gaussian dither of std ``dither`` when
+    zeros (the server's initial padding; ``initial_padding=False`` skips it, to
+    compare with front ends that do not pad, such as DALI on its own); add Gaussian dither of std ``dither`` when
     ``dither > 0``; pre-emphasis ``y[n] = x[n] - 0.97 x[n-1]`` (``y[0] = x[0]``);
     frame t covers padded samples ``[t*hop, t*hop + win)`` with no centring, so
     ``frames = 1 + (N - win) // hop`` for a padded length N; multiply by DALI's
