@@ -1,6 +1,7 @@
 """Checkpoint averaging: selection, weights, float64 averages, integer buffers, outputs (issue 6)."""
 
 import math
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -13,6 +14,8 @@ import yaml
 from caiman_asr_train.core.errors import CheckpointError, HardwareCheckpointError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
+from caiman_asr_train.export import averaging_engine as engine
+from caiman_asr_train.export import averaging_selection as selection
 from caiman_asr_train.export import checkpoint_averaging as ca
 from caiman_asr_train.export.checkpointer import Checkpointer, read_checkpoint
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
@@ -103,16 +106,16 @@ def quiet(_: str) -> None:
 
 
 def test_resolve_weights_inverse_wer_equal_and_custom():
-    weights, how = ca.resolve_weights([0.1, 0.2], wer_eps=0.01)
+    weights, how = selection.resolve_weights([0.1, 0.2], wer_eps=0.01)
     assert how == "inverse_wer"
     assert weights == pytest.approx([(1 / 0.11) / (1 / 0.11 + 1 / 0.21), (1 / 0.21) / (1 / 0.11 + 1 / 0.21)])
-    assert ca.resolve_weights([0.1, None]) == ([0.5, 0.5], "equal")
-    assert ca.resolve_weights([0.1, 0.2], equal=True) == ([0.5, 0.5], "equal")
-    assert ca.resolve_weights([0.1, None], [1, 3]) == ([0.25, 0.75], "custom")
+    assert selection.resolve_weights([0.1, None]) == ([0.5, 0.5], "equal")
+    assert selection.resolve_weights([0.1, 0.2], equal=True) == ([0.5, 0.5], "equal")
+    assert selection.resolve_weights([0.1, None], [1, 3]) == ([0.25, 0.75], "custom")
 
 
 def test_a_wer_of_zero_gets_a_finite_weight():
-    weights, _ = ca.resolve_weights([0.0, 0.1], wer_eps=0.01)
+    weights, _ = selection.resolve_weights([0.0, 0.1], wer_eps=0.01)
     assert all(math.isfinite(w) for w in weights)
     assert weights == pytest.approx([100 / (100 + 1 / 0.11), (1 / 0.11) / (100 + 1 / 0.11)])
 
@@ -123,7 +126,7 @@ def test_a_wer_of_zero_gets_a_finite_weight():
 )
 def test_bad_weights_are_rejected(weights, message):
     with pytest.raises(UserError) as excinfo:
-        ca.resolve_weights([0.1, 0.2], weights)
+        selection.resolve_weights([0.1, 0.2], weights)
     assert message in str(excinfo.value)
 
 
@@ -133,7 +136,7 @@ def test_bad_weights_are_rejected(weights, message):
 def test_equal_weights_when_a_wer_is_missing(tmp_path, assets):
     paths = [save(tmp_path, assets, 100 * i, seed=i) for i in (1, 2, 3)]
     threads = torch.get_num_threads()
-    avg = ca.average_checkpoints(paths, progress=False, log=quiet)
+    avg = engine.average_checkpoints(paths, progress=False, log=quiet)
     assert torch.get_num_threads() == threads
     for entry in ("state_dict", "ema_state_dict"):
         assert_weights_equal(avg[entry], weighted(paths, [1 / 3] * 3, entry))
@@ -143,7 +146,7 @@ def test_equal_weights_when_a_wer_is_missing(tmp_path, assets):
 
 def test_custom_weights(tmp_path, assets):
     paths = [save(tmp_path, assets, 100 * i, seed=i, dev_wer=0.1 * i) for i in (1, 2)]
-    avg = ca.average_checkpoints(paths, [1.0, 3.0], progress=False, log=quiet)
+    avg = engine.average_checkpoints(paths, [1.0, 3.0], progress=False, log=quiet)
     for entry in ("state_dict", "ema_state_dict"):
         assert_weights_equal(avg[entry], weighted(paths, [0.25, 0.75], entry))
     assert avg["averaging"]["weighting"] == "custom"
@@ -151,7 +154,7 @@ def test_custom_weights(tmp_path, assets):
 
 def test_inverse_wer_weights_when_every_input_has_a_dev_wer(tmp_path, assets):
     paths = [save(tmp_path, assets, 100 * i, seed=i, dev_wer=wer) for i, wer in ((1, 0.1), (2, 0.3), (3, 0.0))]
-    avg = ca.average_checkpoints(paths, progress=False, log=quiet)
+    avg = engine.average_checkpoints(paths, progress=False, log=quiet)
     inverse = [1 / 0.11, 1 / 0.31, 1 / 0.01]
     expected = [w / sum(inverse) for w in inverse]
     assert avg["averaging"]["weighting"] == "inverse_wer"
@@ -163,7 +166,7 @@ def test_inverse_wer_weights_when_every_input_has_a_dev_wer(tmp_path, assets):
 def test_averaging_one_checkpoint_reproduces_it_exactly(tmp_path, assets):
     path = save(tmp_path, assets, 700, seed=7, best_wer=0.25)
     original = torch.load(path, weights_only=True)
-    avg = ca.average_checkpoints([path], progress=False, log=quiet)
+    avg = engine.average_checkpoints([path], progress=False, log=quiet)
     for entry in ("state_dict", "ema_state_dict"):
         assert list(avg[entry]) == list(original[entry])
         for key, tensor in original[entry].items():
@@ -177,7 +180,7 @@ def test_averaging_one_checkpoint_reproduces_it_exactly(tmp_path, assets):
 def test_output_metadata_comes_from_the_newest_input(tmp_path, assets):
     old = save(tmp_path, assets, 900, seed=1, epoch=9, best_wer=0.3, config_text="old")
     new = save(tmp_path, assets, 1200, seed=2, epoch=12, best_wer=0.2, config_text="new")
-    avg = ca.average_checkpoints([new, old], progress=False, log=quiet)
+    avg = engine.average_checkpoints([new, old], progress=False, log=quiet)
     assert (avg["epoch"], avg["step"], avg["best_wer"], avg["config_text"]) == (12, 1200, 0.2, "new")
     assert avg["config_path"] is None  # as the Checkpointer wrote it
     assert avg["averaging"]["inputs"] == [str(new), str(old)]
@@ -226,14 +229,14 @@ def test_integer_buffers_come_from_the_most_weighted_input(tmp_path):
     a = write_raw(tmp_path / "a.pt", sd(1.0, 10), step=100)
     b = write_raw(tmp_path / "b.pt", sd(3.0, 20), step=200)
     notes = []
-    avg = ca.average_checkpoints([a, b], [3.0, 1.0], progress=False, log=notes.append)
+    avg = engine.average_checkpoints([a, b], [3.0, 1.0], progress=False, log=notes.append)
     assert torch.equal(avg["state_dict"]["w"], torch.full((3,), 1.5))
     assert avg["state_dict"]["count"].dtype == torch.int64 and int(avg["state_dict"]["count"]) == 10
     assert torch.equal(avg["state_dict"]["flag"], torch.tensor([True, False]))
     assert any("'count'" in n and str(a) in n for n in notes)
     assert not any("'flag'" in n for n in notes)
     # Equal weights: the tie goes to the newer step.
-    avg = ca.average_checkpoints([a, b], progress=False, log=quiet)
+    avg = engine.average_checkpoints([a, b], progress=False, log=quiet)
     assert int(avg["state_dict"]["count"]) == 20
 
 
@@ -241,18 +244,17 @@ def test_ema_is_the_averaged_raw_weights_when_an_input_has_none(tmp_path):
     a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.full((4,), 1.0)), ema={"w": torch.zeros(4)})
     b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.full((4,), 3.0)), ema=None, step=200)
     notes = []
-    avg = ca.average_checkpoints([a, b], progress=False, log=notes.append)
+    avg = engine.average_checkpoints([a, b], progress=False, log=notes.append)
     assert torch.equal(avg["ema_state_dict"]["w"], torch.full((4,), 2.0))
     assert avg["averaging"]["ema_averaged"] is False
     assert any("not every input has ema_state_dict" in n for n in notes)
 
 
 def test_inputs_whose_raw_and_ema_weights_share_storage_average_correctly(tmp_path):
-    # Large enough to span many pages, so the page release after each tensor really happens:
-    # the EMA pass must re-read the file, not see dropped (zeroed) memory.
+    # Large enough to span many accumulation chunks of the one storage both entries view.
     big = [torch.randn(300_000, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
     paths = [write_raw(tmp_path / f"{i}.pt", OrderedDict(w=t), step=100 * (i + 1)) for i, t in enumerate(big)]
-    avg = ca.average_checkpoints(paths, [0.25, 0.75], progress=False, log=quiet)
+    avg = engine.average_checkpoints(paths, [0.25, 0.75], progress=False, log=quiet)
     expected = (0.25 * big[0].double() + 0.75 * big[1].double()).float()
     assert torch.equal(avg["state_dict"]["w"], expected)
     assert torch.equal(avg["ema_state_dict"]["w"], expected)
@@ -260,30 +262,18 @@ def test_inputs_whose_raw_and_ema_weights_share_storage_average_correctly(tmp_pa
     assert torch.equal(torch.load(paths[0], weights_only=True)["state_dict"]["w"], big[0])
 
 
-def rss_file_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_a_released_input_tensor_leaves_the_resident_set_and_still_reads_back(tmp_path):
-    weights = torch.randn(8_000_000, generator=torch.Generator().manual_seed(0))  # 32 MB
-    big = ca._Input(write_raw(tmp_path / "big.pt", OrderedDict(w=weights)))
-    mapped = big.ckpt["state_dict"]["w"]
-    assert torch.equal(mapped, weights)  # every page read, so resident
-    before = rss_file_kb()
-    big.release(mapped)
-    assert before - rss_file_kb() > 25_000
-    assert torch.equal(mapped, weights)
-
-
 def test_zero_weight_inputs_are_skipped(tmp_path):
     a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.full((2,), 2.0)))
     b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.full((2,), float("nan"))), step=200)
-    avg = ca.average_checkpoints([a, b], [1.0, 0.0], progress=False, log=quiet)
+    avg = engine.average_checkpoints([a, b], [1.0, 0.0], progress=False, log=quiet)
     assert torch.equal(avg["state_dict"]["w"], torch.full((2,), 2.0))
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(tmp_path):
+    a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.full((2,), 2.0)))
+    b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.tensor([1.0, float("inf")])), step=200)
+    with pytest.raises(CheckpointError, match=r"b\.pt: 'state_dict\.w' holds NaN or Inf values"):
+        engine.average_checkpoints([a, b], progress=False, log=quiet)
 
 
 # --- mismatches ------------------------------------------------------------------------------------
@@ -295,14 +285,14 @@ def test_a_missing_key_is_rejected_naming_the_file_and_key(tmp_path, assets):
     del sd["joint_enc.bias"]
     bad = write_raw(tmp_path / "bad.pt", sd)
     with pytest.raises(CheckpointError, match=r"bad\.pt: state_dict has no key 'joint_enc\.bias'"):
-        ca.average_checkpoints([good, bad], progress=False, log=quiet)
+        engine.average_checkpoints([good, bad], progress=False, log=quiet)
 
 
 def test_an_extra_key_is_rejected_naming_the_file_and_key(tmp_path):
     a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.ones(2)))
     b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.ones(2), extra=torch.ones(1)))
     with pytest.raises(CheckpointError, match=r"b\.pt: state_dict has key 'extra'"):
-        ca.average_checkpoints([a, b], progress=False, log=quiet)
+        engine.average_checkpoints([a, b], progress=False, log=quiet)
 
 
 def test_a_shape_mismatch_is_rejected_naming_the_file_and_key(tmp_path, assets):
@@ -312,20 +302,20 @@ def test_a_shape_mismatch_is_rejected_naming_the_file_and_key(tmp_path, assets):
     ema["joint_net.2.weight"] = torch.zeros(5, 8)
     bad = write_raw(tmp_path / "bad.pt", ckpt["state_dict"], ema=ema)
     with pytest.raises(CheckpointError, match=r"bad\.pt: ema_state_dict\['joint_net\.2\.weight'\] has shape \[5, 8\]"):
-        ca.average_checkpoints([good, bad], progress=False, log=quiet)
+        engine.average_checkpoints([good, bad], progress=False, log=quiet)
 
 
 def test_a_dtype_mismatch_is_rejected_naming_the_file_and_key(tmp_path):
     a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.ones(2)))
     b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.ones(2, dtype=torch.float16)))
     with pytest.raises(CheckpointError, match=r"b\.pt: state_dict\['w'\] is torch.float16 but .*a\.pt has"):
-        ca.average_checkpoints([a, b], progress=False, log=quiet)
+        engine.average_checkpoints([a, b], progress=False, log=quiet)
 
 
 def test_half_precision_inputs_are_averaged_in_float64_and_stay_half(tmp_path):
     values = [torch.tensor(v, dtype=torch.float16) for v in ([1.0, 2048.0, 0.1], [2.0, 2052.0, 0.3])]
     paths = [write_raw(tmp_path / f"{i}.pt", OrderedDict(w=v), step=i) for i, v in enumerate(values)]
-    avg = ca.average_checkpoints(paths, progress=False, log=quiet)["state_dict"]["w"]
+    avg = engine.average_checkpoints(paths, progress=False, log=quiet)["state_dict"]["w"]
     assert avg.dtype == torch.float16
     assert torch.equal(avg, ((values[0].double() + values[1].double()) / 2).half())
 
@@ -334,7 +324,7 @@ def test_different_logmel_norm_weights_are_refused(tmp_path):
     a = write_raw(tmp_path / "a.pt", OrderedDict(w=torch.ones(2)))
     b = write_raw(tmp_path / "b.pt", OrderedDict(w=torch.ones(2)), logmel_norm_weight=0.5)
     with pytest.raises(CheckpointError, match=r"b\.pt: logmel_norm_weight is 0\.5"):
-        ca.average_checkpoints([a, b], progress=False, log=quiet)
+        engine.average_checkpoints([a, b], progress=False, log=quiet)
 
 
 def test_a_hardware_checkpoint_or_a_repeated_input_is_refused(tmp_path, assets):
@@ -342,9 +332,9 @@ def test_a_hardware_checkpoint_or_a_repeated_input_is_refused(tmp_path, assets):
     hw = tmp_path / "x.hw.pt"
     save_hardware_ckpt(make_hw(good, assets), hw)
     with pytest.raises(CheckpointError, match="x.hw.pt: a hardware checkpoint"):
-        ca.average_checkpoints([good, hw], progress=False, log=quiet)
+        engine.average_checkpoints([good, hw], progress=False, log=quiet)
     with pytest.raises(UserError, match="given twice"):
-        ca.average_checkpoints([good, tmp_path / "." / good.name], progress=False, log=quiet)
+        engine.average_checkpoints([good, tmp_path / "." / good.name], progress=False, log=quiet)
 
 
 # --- directory selection ---------------------------------------------------------------------------
@@ -360,14 +350,14 @@ def run_dir(tmp_path, assets) -> Path:
     save(run, assets, 200, seed=200, dev_wer=0.10, is_best=True)
     save(run, assets, 500, seed=500, is_last=True)
     save_hardware_ckpt(make_hw(run / "RNN-T_step400_checkpoint.pt", assets), run / "RNN-T_step400_checkpoint.hw.pt")
-    averaged = ca.average_checkpoints([run / "RNN-T_step100_checkpoint.pt"], progress=False, log=quiet)
+    averaged = engine.average_checkpoints([run / "RNN-T_step100_checkpoint.pt"], progress=False, log=quiet)
     atomic_torch_save(averaged, run / "avg.pt")
     return run
 
 
 def test_top_n_picks_the_lowest_dev_wers_and_says_why(run_dir):
     lines = []
-    chosen = ca.select_checkpoints(run_dir, top_n=2, log=lines.append)
+    chosen = engine.select_checkpoints(run_dir, top_n=2, log=lines.append)
     assert [c.step for c in chosen] == [200, 400]
     assert [c.wer for c in chosen] == [0.10, 0.20]
     text = "\n".join(lines)
@@ -382,28 +372,28 @@ def test_top_n_picks_the_lowest_dev_wers_and_says_why(run_dir):
 
 def test_top_n_refuses_more_than_the_rated_checkpoints(run_dir):
     with pytest.raises(UserError, match="only 4 checkpoint"):
-        ca.select_checkpoints(run_dir, top_n=5, log=quiet)
+        engine.select_checkpoints(run_dir, top_n=5, log=quiet)
 
 
 def test_a_best_file_of_its_own_step_is_ranked_by_its_best_wer(tmp_path, assets):
     save(tmp_path, assets, 100, seed=1, dev_wer=0.3)
     save(tmp_path, assets, 150, seed=2, best_wer=0.05, is_best=True)
-    chosen = ca.select_checkpoints(tmp_path, top_n=1, log=quiet)
+    chosen = engine.select_checkpoints(tmp_path, top_n=1, log=quiet)
     assert chosen[0].path.name == "RNN-T_best_checkpoint.pt" and chosen[0].wer == 0.05
 
 
 def test_steps_and_last_n_pick_step_files(run_dir):
-    assert [c.step for c in ca.select_checkpoints(run_dir, steps=[400, 100], log=quiet)] == [100, 400]
-    assert [c.step for c in ca.select_checkpoints(run_dir, last_n=3, log=quiet)] == [300, 400, 500]
+    assert [c.step for c in engine.select_checkpoints(run_dir, steps=[400, 100], log=quiet)] == [100, 400]
+    assert [c.step for c in engine.select_checkpoints(run_dir, last_n=3, log=quiet)] == [300, 400, 500]
     with pytest.raises(UserError, match=r"no step checkpoint for step 250 .*steps found: 100, 200, 300, 400, 500"):
-        ca.select_checkpoints(run_dir, steps=[250], log=quiet)
+        engine.select_checkpoints(run_dir, steps=[250], log=quiet)
 
 
 def test_nemo_style_names_give_the_wer_when_the_checkpoint_has_none(tmp_path, assets):
     for step, wer in ((1000, "0.0652"), (2000, "0.0500"), (3000, "0.0710")):
         save(tmp_path, assets, step, seed=step, filepath=tmp_path / f"step={step}-val_wer={wer}-val_loss=1.50.ckpt")
     save(tmp_path, assets, 3000, seed=3, filepath=tmp_path / "step=3000-val_wer=0.0710-last.ckpt")
-    chosen = ca.select_checkpoints(tmp_path, top_n=2, log=quiet)
+    chosen = engine.select_checkpoints(tmp_path, top_n=2, log=quiet)
     assert [(c.step, c.wer, c.wer_source) for c in chosen] == [
         (2000, 0.05, "val_wer in the file name"),
         (1000, 0.0652, "val_wer in the file name"),
@@ -421,7 +411,7 @@ def test_output_hw_from_model_config_loads_with_load_hw_checkpoint(tmp_path, ass
          str(assets["config"]), "--skip_ngram", "--skip_state_dict_check"]
     )
     loaded = load_hw_checkpoint(out)
-    weights = ca.resolve_weights([0.1, 0.2, 0.3])[0]
+    weights = selection.resolve_weights([0.1, 0.2, 0.3])[0]
     assert_weights_equal(loaded.model.state_dict(), weighted(paths, weights, "ema_state_dict"))
     assert loaded.step == 300 and loaded.ngram == {"binary": None, "scale_factor": None}
 
@@ -453,14 +443,18 @@ def test_input_hw_gets_the_averaged_ema_weights_and_keeps_the_rest(tmp_path, ass
     assert_weights_equal(load_hw_checkpoint(out).model.state_dict(), after["state_dict"])
 
 
-def test_input_hw_of_another_model_is_refused_naming_the_key(tmp_path, assets):
+def test_input_hw_of_another_model_is_refused_naming_the_key(tmp_path, assets, capsys):
     paths = [save(tmp_path, assets, 100, seed=1)]
     hw = make_hw(paths[0], assets)
     hw["state_dict"]["joint_enc.bias"] = torch.zeros(3)
     torch.save(hw, tmp_path / "other.hw.pt")
-    avg = ca.average_checkpoints(paths, progress=False, log=quiet)
-    with pytest.raises(HardwareCheckpointError, match=r"other\.hw\.pt: 'joint_enc\.bias' has shape \[3\]"):
-        ca.averaged_hardware_ckpt(avg, tmp_path / "other.hw.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: ca.main(["--ckpts", *map(str, paths), "--input_hw", str(tmp_path / "other.hw.pt"),
+                                 "--output_hw", str(tmp_path / "avg.hw.pt")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"other\.hw\.pt: the hardware checkpoint's 'joint_enc\.bias' has shape \[3\]", err)
+    assert not (tmp_path / "avg.hw.pt").exists()
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -1,0 +1,368 @@
+"""Averaging of sharded checkpoints: zarr (Megatron layout) and torch.distributed.checkpoint directories."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+import zarr
+
+from caiman_asr_train.core.errors import CheckpointError, UserError
+from caiman_asr_train.export import checkpoint_averaging as ca
+from caiman_asr_train.export.sharded_averaging import average_sharded, round_half_even
+from caiman_asr_train.export.sharded_dcp import read_metadata
+from caiman_asr_train.utils.cli import run_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+MEGATRON_METADATA = {
+    "sharded_backend": "zarr",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# --- zarr fixtures: Megatron's .zarray fields, written by tensorstore and zarr-python ---------------
+
+
+def write_ts_array(path: Path, values: np.ndarray, chunks: list[int], dtype: str) -> None:
+    """A zarr v2 array as Megatron writes it: raw chunks, no compressor, '.' separator."""
+    metadata = {
+        "shape": list(values.shape),
+        "chunks": chunks,
+        "dtype": dtype,
+        "compressor": None,
+        "fill_value": None,
+        "order": "C",
+        "filters": None,
+        "dimension_separator": ".",
+        "zarr_format": 2,
+    }
+    array = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}, "metadata": metadata}, create=True
+    ).result()
+    array.write(values).result()
+
+
+def zarr_checkpoint(directory: Path, seed: int, *, optimizer: bool = True) -> dict:
+    """A Megatron-layout zarr checkpoint; returns its float arrays as float64 numpy."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    arrays = {
+        "decoder.weight": rng.standard_normal((5, 6)).astype(ml_dtypes.bfloat16),
+        "decoder.bias": rng.standard_normal(7).astype(np.float16),
+    }
+    write_ts_array(directory / "decoder.weight", arrays["decoder.weight"], [2, 4], "bfloat16")
+    write_ts_array(directory / "decoder.bias", arrays["decoder.bias"], [3], "<f2")
+    fp32 = rng.standard_normal((4, 3)).astype(np.float32)
+    zarr.create_array(
+        store=str(directory / "embedding.weight"), shape=fp32.shape, chunks=(2, 3), dtype="<f4",
+        zarr_format=2, compressors=None, fill_value=None,
+    )[...] = fp32
+    arrays["embedding.weight"] = fp32
+    write_ts_array(directory / "decoder.counter", np.array([seed, seed], dtype=np.int64), [2], "<i8")
+    if optimizer:
+        write_ts_array(directory / "optimizer.state.exp_avg", np.full(3, seed, dtype=np.float32), [3], "<f4")
+    torch.save({"seed": seed}, directory / "common.pt")
+    (directory / "decoder.extra_state").mkdir()
+    (directory / "decoder.extra_state" / "shard_0_1.pt").write_bytes(f"extra {seed}".encode())
+    (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
+
+
+def read_ts(path: Path) -> np.ndarray:
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+
+
+def reference(values: list[dict], weights: list[float], key: str, dtype) -> np.ndarray:
+    total = sum(w * v[key] for v, w in zip(values, weights))
+    return round_half_even(torch.from_numpy(total), dtype)
+
+
+def assert_array(path: Path, expected: torch.Tensor) -> None:
+    stored = read_ts(path)
+    if stored.dtype == ml_dtypes.bfloat16:
+        stored = torch.from_numpy(stored.view(np.uint16)).view(torch.bfloat16)
+    else:
+        stored = torch.from_numpy(stored)
+    assert stored.dtype == expected.dtype
+    assert torch.equal(stored, expected)
+
+
+@pytest.mark.parametrize("weights, expected_weights", [(None, [0.5, 0.5]), ([3.0, 1.0], [0.75, 0.25])])
+def test_zarr_average_equals_the_float64_reference_and_keeps_dtypes(tmp_path, weights, expected_weights):
+    values = [zarr_checkpoint(tmp_path / f"ck-step={s}", seed=s) for s in (1, 2)]
+    out = tmp_path / "out"
+    record = average_sharded([tmp_path / "ck-step=1", tmp_path / "ck-step=2"], out, weights, log=quiet)
+    assert record["weights"] == expected_weights
+    dtypes = {"decoder.weight": torch.bfloat16, "decoder.bias": torch.float16, "embedding.weight": torch.float32}
+    for key, dtype in dtypes.items():
+        assert_array(out / key, reference(values, expected_weights, key, dtype))
+    keeper = tmp_path / ("ck-step=1" if weights else "ck-step=2")  # ties go to the newer step
+    assert list(read_ts(out / "decoder.counter")) == list(read_ts(keeper / "decoder.counter"))
+    assert torch.load(out / "common.pt", weights_only=True) == torch.load(keeper / "common.pt", weights_only=True)
+    assert (out / "decoder.extra_state/shard_0_1.pt").read_bytes() == (keeper / "decoder.extra_state/shard_0_1.pt").read_bytes()
+    assert not (out / "optimizer.state.exp_avg").exists()
+    assert json.loads((out / "metadata.json").read_text()) == MEGATRON_METADATA
+    assert json.loads((out / "averaging.json").read_text())["steps"] == [1, 2]
+
+
+def test_inverse_wer_weights_come_from_nemo_names(tmp_path):
+    names = ["m--val_wer=0.1-step=100", "m--val_wer=0.3-step=200"]
+    values = [zarr_checkpoint(tmp_path / n, seed=i) for i, n in enumerate(names)]
+    record = average_sharded([tmp_path / n for n in names], tmp_path / "out", log=quiet)
+    inverse = [1 / 0.11, 1 / 0.31]
+    expected = [w / sum(inverse) for w in inverse]
+    assert record["weighting"] == "inverse_wer" and record["weights"] == pytest.approx(expected)
+    assert_array(tmp_path / "out/embedding.weight", reference(values, record["weights"], "embedding.weight", torch.float32))
+
+
+def test_bfloat16_rounds_once_to_nearest_even():
+    # 1 + 2**-8 + 2**-30: through float32 it becomes the tie 1 + 2**-8 and rounds down to 1.0.
+    x = torch.tensor([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 3.0], dtype=torch.float64)
+    assert x.to(torch.bfloat16)[0].item() == 1.0  # torch's own cast rounds twice
+    assert round_half_even(x, torch.bfloat16).tolist() == [1 + 2**-7, -(1 + 2**-7), 1.0, 3.0]
+    y = torch.tensor([1 + 2**-11 + 2**-30], dtype=torch.float64)
+    assert round_half_even(y, torch.float16).item() == 1 + 2**-10
+
+
+def test_keep_optimizer_copies_it_with_a_warning(tmp_path):
+    for s in (1, 2):
+        zarr_checkpoint(tmp_path / f"c-step={s}", seed=s)
+    lines = []
+    average_sharded([tmp_path / "c-step=1", tmp_path / "c-step=2"], tmp_path / "out", [1, 2], keep_optimizer=True,
+                    log=lines.append)
+    assert list(read_ts(tmp_path / "out/optimizer.state.exp_avg")) == [2.0, 2.0, 2.0]
+    assert any(line.startswith("warning: --keep_optimizer") for line in lines)
+
+
+def mutate_shape(d: Path) -> None:
+    write_ts_array(d / "decoder.bias2", np.zeros(3, np.float16), [3], "<f2")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: __import__("shutil").rmtree(d / "decoder.bias"), r"b: no array 'decoder\.bias' \(which .*a has\)"),
+        (lambda d: mutate_shape(d), r"a: no array 'decoder\.bias2'"),
+        (lambda d: _rewrite(d, "decoder.bias", np.zeros(8, np.float16), [3], "<f2"), r"b: array 'decoder\.bias' has shape \[8\]"),
+        (lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float32), [3], "<f4"), r"b: array 'decoder\.bias' has dtype <f4"),
+        (lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float16), [4], "<f2"), r"b: array 'decoder\.bias' has chunks \[4\]"),
+        (lambda d: (d / "decoder.weight/1.1").unlink(), r"b: array 'decoder\.weight' has no chunk file '1\.1'"),
+    ],
+)
+def test_mismatched_zarr_inputs_are_refused_naming_directory_and_key(tmp_path, change, message):
+    zarr_checkpoint(tmp_path / "a", seed=1)
+    zarr_checkpoint(tmp_path / "b", seed=2)
+    change(tmp_path / "b")
+    with pytest.raises(CheckpointError, match=message):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def _rewrite(directory: Path, key: str, values: np.ndarray, chunks: list[int], dtype: str) -> None:
+    __import__("shutil").rmtree(directory / key)
+    write_ts_array(directory / key, values, chunks, dtype)
+
+
+def test_non_finite_weights_are_refused_naming_directory_and_key(tmp_path):
+    zarr_checkpoint(tmp_path / "a", seed=1)
+    zarr_checkpoint(tmp_path / "b", seed=2)
+    _rewrite(tmp_path / "b", "decoder.bias", np.full(7, np.nan, np.float16), [3], "<f2")
+    with pytest.raises(CheckpointError, match=r"b: 'decoder\.bias' holds NaN or Inf"):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+    average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", [1, 0], log=quiet)  # weight 0: skipped
+
+
+def test_output_equal_to_an_input_or_existing_is_refused(tmp_path):
+    zarr_checkpoint(tmp_path / "a", seed=1)
+    with pytest.raises(UserError, match="is one of the inputs"):
+        average_sharded([tmp_path / "a"], tmp_path / "a", log=quiet)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        average_sharded([tmp_path / "a"], tmp_path / "out", log=quiet)
+
+
+# --- command line: NeMo flags, selection -----------------------------------------------------------
+
+
+@pytest.fixture
+def nemo_dir(tmp_path) -> Path:
+    root = tmp_path / "checkpoints"
+    for step, wer in ((1000, 0.2), (2000, 0.1), (3000, 0.3)):
+        zarr_checkpoint(root / f"gpt--val_wer={wer}-step={step}", seed=step)
+    zarr_checkpoint(root / "gpt--val_wer=0.05-step=3000-last", seed=9)
+    zarr_checkpoint(root / "gpt--val_wer=0.05-step=3000-EMA", seed=9)
+    zarr_checkpoint(root / "other--val_wer=0.05-step=1000", seed=9)
+    return root
+
+
+def run_cli_ok(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: ca.main(argv))
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("steps", [["1000,2000"], ["1000", "2000"], ["1000,", "2000"]])
+def test_steps_in_both_forms_and_the_nemo_output_name(nemo_dir, steps, capsys):
+    run_cli_ok(["--name_prefix", "gpt", "--checkpoint_dir", str(nemo_dir), "--steps", *steps])
+    record = json.loads((nemo_dir / "gpt-averaged/averaging.json").read_text())
+    assert record["steps"] == [1000, 2000]
+    assert "wrote " + str(nemo_dir / "gpt-averaged") in capsys.readouterr().out
+
+
+def test_selection_excludes_last_ema_other_prefixes_and_earlier_averages(nemo_dir, capsys):
+    run_cli_ok(["--name_prefix", "gpt", "--checkpoint_dir", str(nemo_dir), "--top_n", "2"])
+    out = capsys.readouterr().out
+    assert "excluded  gpt--val_wer=0.05-step=3000-last: a '-last' checkpoint" in out
+    assert "excluded  gpt--val_wer=0.05-step=3000-EMA: a '-EMA' checkpoint" in out
+    assert "other--" not in out
+    record = json.loads((nemo_dir / "gpt-averaged/averaging.json").read_text())
+    assert record["steps"] == [2000, 1000]
+    run_cli_ok(["--name_prefix", "gpt", "--checkpoint_dir", str(nemo_dir), "--output_name", "again"])
+    assert "excluded  gpt-averaged: a '-averaged' checkpoint" in capsys.readouterr().out
+    assert json.loads((nemo_dir / "again/averaging.json").read_text())["steps"] == [1000, 2000, 3000]
+
+
+def test_output_dir_and_name_flags(nemo_dir, tmp_path):
+    run_cli_ok(["--name_prefix", "gpt", "--checkpoint_dir", str(nemo_dir), "--steps", "1000",
+                "--output_dir", str(tmp_path / "avg"), "--output_name", "mine"])
+    assert (tmp_path / "avg/mine/metadata.json").is_file()
+
+
+def test_sigkill_midway_leaves_no_output_and_a_rerun_completes(tmp_path):
+    root = tmp_path / "run"
+    for step in (1, 2):
+        d = root / f"big-step={step}"
+        d.mkdir(parents=True)
+        (d / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        write_ts_array(d / "w", np.ones((400, 64), np.float32), [1, 64], "<f4")  # 400 chunks: a slow run
+    argv = [sys.executable, "-m", "caiman_asr_train.export.checkpoint_averaging", "--checkpoint_dir", str(root),
+            "--name_prefix", "big"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(root.glob(".big-averaged.tmp-*/w/*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (root / "big-averaged").exists()
+    assert subprocess.run(argv, capture_output=True).returncode == 0
+    assert np.array_equal(read_ts(root / "big-averaged/w"), np.ones((400, 64), np.float32))
+    assert not list(root.glob(".big-averaged.tmp-*"))
+
+
+# --- torch.distributed.checkpoint ------------------------------------------------------------------
+
+
+def dcp_checkpoint(directory: Path, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "model": {"w": torch.randn(6, 4, generator=g).to(torch.bfloat16), "b": torch.randn(5, generator=g)},
+        "step": torch.tensor(seed),
+        "extra": {"note": f"from {seed}"},
+        "optimizer": {"exp_avg": torch.randn(5, generator=g)},
+    }
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+    return state
+
+
+def test_dcp_average_loads_back_with_torch_distributed_checkpoint(tmp_path):
+    states = [dcp_checkpoint(tmp_path / f"d-step={s}", seed=s) for s in (1, 2)]
+    average_sharded([tmp_path / "d-step=1", tmp_path / "d-step=2"], tmp_path / "out", [1, 3], log=quiet)
+    loaded = {"model": {"w": torch.empty(6, 4, dtype=torch.bfloat16), "b": torch.empty(5)}, "step": torch.tensor(0)}
+    dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
+    for key in ("w", "b"):
+        total = 0.25 * states[0]["model"][key].double() + 0.75 * states[1]["model"][key].double()
+        assert torch.equal(loaded["model"][key], round_half_even(total, states[0]["model"][key].dtype))
+    assert int(loaded["step"]) == 2  # integers from the most-weighted input
+    metadata = read_metadata(tmp_path / "out")
+    assert "extra.note" in metadata.state_dict_metadata
+    assert "optimizer.exp_avg" not in metadata.state_dict_metadata
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16)}}, r"b: no entry 'model\.b' \(which .*a has\)"),
+        ({"model": {"w": torch.zeros(6, 5, dtype=torch.bfloat16), "b": torch.zeros(5)}}, r"b: 'model\.w' has shape \[6, 5\]"),
+        ({"model": {"w": torch.zeros(6, 4), "b": torch.zeros(5)}}, r"b: 'model\.w' is torch\.float32"),
+    ],
+)
+def test_mismatched_dcp_inputs_are_refused_naming_directory_and_key(tmp_path, other, message):
+    dcp.save({"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16), "b": torch.zeros(5)}},
+             storage_writer=dcp.FileSystemWriter(tmp_path / "a"))
+    dcp.save(other, storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
+    with pytest.raises(CheckpointError, match=message):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+
+
+class MegatronPlannerData:  # pickled under a Megatron module name below
+    def __init__(self):
+        self.payload = {"sharded": True}
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_metadata_is_unpickled_without_running_foreign_code(tmp_path, monkeypatch):
+    dcp_checkpoint(tmp_path / "m", seed=1)
+    path = tmp_path / "m/.metadata"
+    metadata = pickle.loads(path.read_bytes())
+    module = "megatron.core.dist_checkpointing.strategies.torch"
+    with monkeypatch.context() as patch:
+        parts = module.split(".")
+        for i in range(1, len(parts)):
+            patch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+        patch.setitem(sys.modules, module, sys.modules[__name__])
+        patch.setattr(MegatronPlannerData, "__module__", module)
+        metadata.planner_data = {"mcore": MegatronPlannerData(), "evil": Exploit()}
+        path.write_bytes(pickle.dumps(metadata))
+    monkeypatch.chdir(tmp_path)
+    loaded = read_metadata(tmp_path / "m")
+    assert loaded.planner_data["mcore"].state == {"payload": {"sharded": True}}
+    assert not (tmp_path / "pwned").exists()
+    assert "model.w" in loaded.state_dict_metadata
+
+
+def _write_sharded(rank: int, init_file: str, root: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    for seed in (1, 2):
+        full = torch.arange(32, dtype=torch.float32).reshape(8, 4) * seed
+        state = {"model.w": distribute_tensor(full, mesh, [Shard(0)]), "model.b": torch.full((3,), float(seed))}
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{root}/s-step={seed}"))
+    dist.destroy_process_group()
+
+
+def test_dcp_written_by_two_gloo_processes_with_sharded_tensors(tmp_path):
+    mp.spawn(_write_sharded, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    chunks = read_metadata(tmp_path / "s-step=1").state_dict_metadata["model.w"].chunks
+    assert len(chunks) == 2  # one shard per process
+    average_sharded([tmp_path / "s-step=1", tmp_path / "s-step=2"], tmp_path / "out", log=quiet)
+    loaded = {"model.w": torch.empty(8, 4), "model.b": torch.empty(3)}
+    dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
+    assert torch.equal(loaded["model.w"], torch.arange(32, dtype=torch.float32).reshape(8, 4) * 1.5)
+    assert torch.equal(loaded["model.b"], torch.full((3,), 1.5))
