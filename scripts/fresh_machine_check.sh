@@ -95,15 +95,17 @@ started=$SECONDS
 if phase "train.sh (all phases)" train.log ./train.sh; then
     # train.sh prints its own split of the time before training starts;
     # training and export are the rest of its phase.
-    report+=("  $(grep -h '^\[train.sh\]' "$logs/train.log" | head -n 1)")
-    report+=("  $(grep -h '^\[build_kenlm\] built\|^\[prepare_demo\] done' "$logs/train.log" | paste -sd ';' -)")
+    split="$(grep -h '^\[train.sh\]\|^\[build_kenlm\] built\|^\[prepare_demo\] done' "$logs/train.log" || true)"
+    while IFS= read -r line; do
+        [ -n "$line" ] && report+=("  $line")
+    done <<<"$split"
     phase "val.sh (held-out WER)" val.log ./val.sh --ckpt results/RNN-T_best_checkpoint.hw.pt || true
     # A second ./train.sh in the finished checkout: the time until train.py
     # runs (it then refuses the used results/ directory at once).
     rerun_started=$SECONDS
     (cd "$clone" && ./train.sh) >"$logs/rerun.log" 2>&1 || true
     report+=("$(printf '%-28s %5d s  (exits at the used results/; %s)' "train.sh re-run" \
-        "$((SECONDS - rerun_started))" "$(grep -h '^\[train.sh\]' "$logs/rerun.log" | tail -n 1)")")
+        "$((SECONDS - rerun_started))" "$(grep -h '^\[train.sh\]' "$logs/rerun.log" | tail -n 1 || true)")")
 fi
 if [ "$with_tests" = 1 ]; then
     phase "test.sh" test.log ./test.sh || true
