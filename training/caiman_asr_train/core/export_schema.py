@@ -6,7 +6,7 @@ are dropped before validation. A new YAML key must be added either to a schema
 loader derives its known-key sets from these classes, and a test guards it.
 """
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -111,3 +111,20 @@ class RNNTInferenceConfigSchema(_Schema):
     input_val: InputValSchema
     rnnt: ModelSchema
     tokenizer: TokenizerSchema
+
+
+def in_feats_mismatch(in_feats: Any, n_filt: Any, frame_stacking: Any) -> Optional[str]:
+    """Why ``rnnt.in_feats`` does not fit the features, or None when it does.
+
+    The encoder reads ``frame_stacking`` spliced mel frames of ``n_filt`` bins
+    each, so ``in_feats`` must be ``n_filt * frame_stacking``. The one
+    statement of this rule: config loading, hardware-checkpoint building and
+    reading all call it.
+    """
+    if isinstance(n_filt, int) and isinstance(frame_stacking, int) and in_feats == n_filt * frame_stacking:
+        return None
+    return (
+        f"rnnt.in_feats ({in_feats}) must equal filterbank_features.n_filt * frame_splicing.frame_stacking "
+        f"({n_filt} * {frame_stacking}"
+        + (f" = {n_filt * frame_stacking})" if isinstance(n_filt, int) and isinstance(frame_stacking, int) else ")")
+    )

@@ -1,10 +1,14 @@
 """Read hardware checkpoints (``*.hw.pt``, SPEC section 9) back into a ready-to-run model.
 
 ``load_hw_checkpoint`` needs nothing but the file: the weights, the inference
-config, the mel statistics and the SentencePiece model are all inside it. It
-reads every 1.x layout up to ``HW_CKPT_VERSION``, including upstream 1.10-1.14
-files (no ``raw_prefix_token_map``; their ``tokenizer.sentpiece_model`` names a
-path on the machine that wrote them, so the embedded bytes are used instead).
+config, the mel statistics and the SentencePiece model are all inside it.
+
+Version rule: the layouts this reader knows (``KNOWN_VERSIONS``: upstream
+1.10-1.14, whose files have no ``raw_prefix_token_map`` and whose
+``tokenizer.sentpiece_model`` names a path on the machine that wrote them, so
+the embedded bytes are used instead; and ours, ``HW_CKPT_VERSION``) load; an
+unknown older one loads with a one-line warning; a newer one is refused,
+naming the version of caiman_asr_train to upgrade to.
 
 ``read_checkpoint`` is the one safe reader of torch files in the project
 (training checkpoints re-export it from ``caiman_asr_train.export.checkpointer``):
@@ -14,6 +18,7 @@ refused before any of it runs.
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ from caiman_asr_train.core.export_schema import (
     FrameSplicingSchema,
     ModelSchema,
     TokenizerSchema,
+    in_feats_mismatch,
 )
 from caiman_asr_train.core.model import RNNT, ConfigRNNT, TorchConfig
 from caiman_asr_train.core.quantized import dequantize_checkpoint, is_quantized_checkpoint
@@ -40,6 +46,8 @@ PathLike = Union[str, Path]
 # The layout this package writes. Bump it on every layout change the inference
 # server must know about (SPEC section 3); readers refuse newer minor versions.
 HW_CKPT_VERSION = "1.15.0"
+# Layouts read without a warning: the upstream releases and ours.
+KNOWN_VERSIONS = ("1.10.0", "1.11.0", "1.12.0", "1.13.0", "1.14.0", HW_CKPT_VERSION)
 # Upstream 1.10-1.14 files have only these keys.
 HW_CKPT_UPSTREAM_KEYS = (
     "state_dict",
@@ -159,8 +167,8 @@ def load_hw_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu")
 
     Raises:
         CheckpointError: the file is unreadable, a key is missing or has the
-            wrong type, the version is not 1.x or newer than this reader, or the
-            weights do not fit the stored config.
+            wrong type, the version is newer than this reader, or the weights
+            do not fit the stored config.
     """
     hw = read_checkpoint(path, mmap=True)
     if is_quantized_checkpoint(hw):
@@ -253,16 +261,17 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
         parsed = parse_version(version)
     except ValueError:
         raise CheckpointError(f"{source}: version {version!r} is not MAJOR.MINOR.PATCH; {_EXPORT_HINT}") from None
-    ours = parse_version(HW_CKPT_VERSION)
-    if parsed[0] != ours[0]:
+    if parsed > parse_version(HW_CKPT_VERSION):
         raise CheckpointError(
-            f"{source}: layout version {version} is not a {ours[0]}.x hardware checkpoint; "
-            f"this reader supports {ours[0]}.x up to {HW_CKPT_VERSION}"
+            f"{source}: layout version {version} is newer than this reader (caiman_asr_train {HW_CKPT_VERSION} "
+            f"reads layouts up to {HW_CKPT_VERSION}); upgrade caiman_asr_train to {'.'.join(map(str, parsed))} "
+            "or later to read it"
         )
-    if parsed[:2] > ours[:2]:
-        raise CheckpointError(
-            f"{source}: layout version {version} is newer than this reader (up to {ours[0]}.{ours[1]}.x); "
-            "upgrade caiman_asr_train to read it"
+    if parsed not in {parse_version(known) for known in KNOWN_VERSIONS}:
+        warnings.warn(
+            f"{source}: layout version {version} is older than the layouts this reader knows (upstream "
+            f"1.10-1.14 and {HW_CKPT_VERSION}); reading it as they are read, check its results",
+            stacklevel=2,
         )
     required = HW_CKPT_KEYS if parsed[:2] >= _PREFIX_MAP_SINCE else HW_CKPT_UPSTREAM_KEYS
     for key in required:
@@ -303,6 +312,11 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
 
     rnnt_config = _validate_rnnt_config(hw["rnnt_config"], source)
     n_filt = rnnt_config["input_val"]["filterbank_features"]["n_filt"]
+    mismatch = in_feats_mismatch(
+        rnnt_config["rnnt"]["in_feats"], n_filt, rnnt_config["input_val"]["frame_splicing"]["frame_stacking"]
+    )
+    if mismatch:
+        raise CheckpointError(f"{source}: {mismatch} in its rnnt_config; {_EXPORT_HINT} with a consistent config")
     for key in ("melmeans", "melvars"):
         stats = hw[key]
         if not stats.is_floating_point() or tuple(stats.shape) != (n_filt,):

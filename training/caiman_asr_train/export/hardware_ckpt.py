@@ -48,7 +48,7 @@ from caiman_asr_train.core.errors import (
     TokenizerError,
     UserError,
 )
-from caiman_asr_train.core.export_schema import RNNTInferenceConfigSchema
+from caiman_asr_train.core.export_schema import RNNTInferenceConfigSchema, in_feats_mismatch
 from caiman_asr_train.core.load_hw import (
     HW_CKPT_VERSION,
     is_hardware_checkpoint,
@@ -172,6 +172,13 @@ def create_hardware_ckpt(
             )
     else:
         cfg = config if isinstance(config, dict) else load_config(config)
+    mismatch = in_feats_mismatch(
+        cfg["rnnt"].get("in_feats"),
+        cfg["input_val"]["filterbank_features"].get("n_filt"),
+        cfg["input_val"]["frame_splicing"].get("frame_stacking"),
+    )
+    if mismatch:
+        raise HardwareCheckpointError(f"config: {mismatch}; fix the config")
     if not allow_changed_assets:
         changed = changed_assets(training, cfg)
         if changed:

@@ -21,6 +21,7 @@ from caiman_asr_train.core.export_schema import (
     ModelSchema,
     RNNTInferenceConfigSchema,
     TokenizerSchema,
+    in_feats_mismatch,
 )
 
 AUDIO_DATASET_KEYS = frozenset(
@@ -248,13 +249,10 @@ def _check_consistency(cfg: dict, section: dict, name: str, path: Path) -> None:
             f"{path}: {name}.frame_splicing.frame_stacking ({stacking}) must equal "
             f"frame_subsampling ({subsampling})"
         )
-    in_feats = cfg["rnnt"].get("in_feats")
     n_filt = features.get("n_filt")
-    if isinstance(n_filt, int) and isinstance(stacking, int) and in_feats != n_filt * stacking:
-        raise ConfigError(
-            f"{path}: rnnt.in_feats ({in_feats}) must equal {name}.filterbank_features.n_filt "
-            f"* frame_splicing.frame_stacking ({n_filt} * {stacking} = {n_filt * stacking})"
-        )
+    mismatch = in_feats_mismatch(cfg["rnnt"].get("in_feats"), n_filt, stacking)
+    if isinstance(n_filt, int) and isinstance(stacking, int) and mismatch:
+        raise ConfigError(f"{path}: {mismatch} in {name}")
     audio_rate = section["audio_dataset"].get("sample_rate")
     feature_rate = features.get("sample_rate")
     if audio_rate != feature_rate:

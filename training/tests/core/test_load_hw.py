@@ -1,6 +1,7 @@
 """load_hw_checkpoint: a hardware checkpoint alone rebuilds the exact model, and bad files are refused."""
 
 import io
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,9 +104,10 @@ def test_upstream_layout_loads_and_decodes(export_env, hw, tmp_path, version):
 @pytest.mark.parametrize(
     "version, words",
     [
-        ("1.16.0", "newer than this reader"),
-        ("2.0.0", "not a 1.x hardware checkpoint"),
-        ("0.9.0", "not a 1.x hardware checkpoint"),
+        ("1.15.1", "newer than this reader.*upgrade caiman_asr_train to 1.15.1 or later"),
+        ("1.16.0", "newer than this reader.*upgrade caiman_asr_train to 1.16.0"),
+        ("2.0.0", "newer than this reader.*upgrade caiman_asr_train to 2.0.0"),
+        ("9.3.1", "newer than this reader.*upgrade caiman_asr_train to 9.3.1"),
         ("latest", "not MAJOR.MINOR.PATCH"),
     ],
 )
@@ -113,6 +115,20 @@ def test_other_versions_are_refused(hw, tmp_path, version, words):
     hw["version"] = version
     with pytest.raises(CheckpointError, match=words):
         load_hw_checkpoint(write(hw, tmp_path / "x.hw.pt"))
+
+
+@pytest.mark.parametrize("version", ["1.9.0", "0.9.0"])
+def test_an_unknown_older_layout_loads_with_a_one_line_warning(hw, tmp_path, version):
+    hw["version"] = version
+    with pytest.warns(UserWarning, match=f"layout version {version} is older than the layouts this reader knows"):
+        ckpt = load_hw_checkpoint(write(hw, tmp_path / "old.hw.pt"))
+    assert ckpt.version == version
+
+
+def test_known_layouts_load_without_a_warning(hw, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_hw_checkpoint(write(hw, tmp_path / "ours.hw.pt")).version == "1.15.0"
 
 
 @pytest.mark.parametrize("key", ["state_dict", "melmeans", "sentpiece_model", "rnnt_config", "raw_prefix_token_map"])
@@ -161,3 +177,12 @@ def test_unreadable_files_and_invalid_dicts_are_refused(hw, tmp_path):
     with pytest.raises(CheckpointError, match="key 'version'"):
         save_hardware_ckpt(hw, tmp_path / "never.hw.pt")
     assert not (tmp_path / "never.hw.pt").exists()
+
+
+def test_in_feats_must_be_n_filt_times_frame_stacking(hw, tmp_path):
+    hw["rnnt_config"]["rnnt"]["in_feats"] += 1
+    n_filt = hw["rnnt_config"]["input_val"]["filterbank_features"]["n_filt"]
+    stacking = hw["rnnt_config"]["input_val"]["frame_splicing"]["frame_stacking"]
+    expected = rf"rnnt.in_feats \({n_filt * stacking + 1}\) must equal .* \({n_filt} \* {stacking} = {n_filt * stacking}\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_hw_checkpoint(write(hw, tmp_path / "x.hw.pt"))

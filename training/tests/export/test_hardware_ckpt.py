@@ -313,3 +313,9 @@ def test_the_kind_of_a_checkpoint_is_decided_by_its_content(export_env):
     assert is_hardware_checkpoint(hw) and not is_training_checkpoint(hw)
     assert not is_training_checkpoint({k: v for k, v in training.items() if k != "tokenizer_kw"})
     assert not is_training_checkpoint([1, 2]) and not is_hardware_checkpoint([1, 2])
+
+
+def test_a_config_whose_in_feats_does_not_fit_the_features_is_refused(export_env):
+    cfg = {**export_env.cfg, "rnnt": {**export_env.cfg["rnnt"], "in_feats": 23}}
+    with pytest.raises(HardwareCheckpointError, match=r"in_feats \(23\) must equal .*\(8 \* 3 = 24\)"):
+        create_hardware_ckpt(export_env.ckpt_path, cfg, skip_state_dict_check=True)
