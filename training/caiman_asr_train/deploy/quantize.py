@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ExportError, UserError
 from caiman_asr_train.core.load_hw import validate_hw_checkpoint
 from caiman_asr_train.core.quantized import BITS, QUANTIZATION_KEY, QUANTIZED_STATE_DICT_KEY
 from caiman_asr_train.utils.atomic import atomic_torch_save
@@ -180,11 +180,11 @@ def wer_gate(float_wer: float, quant_wer: float, max_wer_increase: float, quanti
     ``max_wer_increase`` is absolute percentage points (1.0 allows 12.3% -> 13.3%).
 
     Raises:
-        UserError: with both WERs and the limit.
+        ExportError: with both WERs and the limit.
     """
     increase = 100 * (quant_wer - float_wer)
     if increase > max_wer_increase:
-        raise UserError(
+        raise ExportError(
             f"{quantize_type} export refused: WER {100 * quant_wer:.2f}% vs {100 * float_wer:.2f}% for float32 "
             f"(+{increase:.2f} points > --max_wer_increase {max_wer_increase:g}); nothing was written; try "
             "int8_per_channel or a smaller --block_size, or raise --max_wer_increase"

@@ -14,6 +14,7 @@ size allows. Blocked ``DequantizeLinear`` and int4 need opset 21, so graphs of
 an older opset are converted first; the conversion changes no float result.
 """
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -141,12 +142,18 @@ def _dynamic_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as directory:
         source, target = Path(directory) / "float.onnx", Path(directory) / "int8.onnx"
         onnx.save(model, source)
-        quantize_dynamic(
-            source,
-            target,
-            op_types_to_quantize=list(DYNAMIC_INT8_OPS),
-            per_channel=True,
-            weight_type=QuantType.QUInt8,
-            extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
-        )
+        # The quantizer logs advice on the root logger (run its pre-processing, the model may be
+        # quantized already: it sees our DequantizeLinear nodes) that does not apply here.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(
+                source,
+                target,
+                op_types_to_quantize=list(DYNAMIC_INT8_OPS),
+                per_channel=True,
+                weight_type=QuantType.QUInt8,
+                extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         return onnx.load(target)

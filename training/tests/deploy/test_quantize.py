@@ -7,7 +7,7 @@ import torch
 
 from caiman_asr_train import val
 from caiman_asr_train.core.decoder import greedy_decode
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ExportError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.core.quantized import dequantize, unpack_int4
 from caiman_asr_train.deploy.quantize import (
@@ -186,6 +186,6 @@ def test_val_validates_a_q_pt_like_a_hardware_checkpoint(tiny_hw, speech, tmp_pa
 def test_the_wer_gate_passes_within_the_limit_and_refuses_beyond_it_with_both_wers():
     wer_gate(0.100, 0.109, 1.0, "int8_per_channel")
     with pytest.raises(
-        UserError, match=r"int4_blockwise export refused: WER 11\.50% vs 10\.00%.*\+1\.50 points"
+        ExportError, match=r"int4_blockwise export refused: WER 11\.50% vs 10\.00%.*\+1\.50 points"
     ):
         wer_gate(0.100, 0.115, 1.0, "int4_blockwise")
