@@ -75,6 +75,11 @@ def bundle_description(directory: PathLike, **sections: Any) -> dict:
     }
 
 
+def is_bundle(path: PathLike) -> bool:
+    """True when ``path`` is a directory holding a bundle.json (what ``val.py --ckpt`` dispatches on)."""
+    return (Path(path) / BUNDLE_JSON).is_file()
+
+
 def write_bundle_json(info: dict, directory: PathLike) -> None:
     """Write ``info`` as ``directory/bundle.json`` atomically (last, as the bundle's completion marker)."""
     atomic_write_bytes(Path(directory) / BUNDLE_JSON, (json.dumps(info, indent=2) + "\n").encode("utf-8"))

@@ -89,11 +89,12 @@ def evaluate_bundle(
     num_utterances: int | None = None,
     num_threads: int | None = None,
     max_symbols_per_step: int = 8,
+    final_padding_secs: float | None = None,
     progress: bool = False,
 ) -> BundleResult:
     """WER of an ONNX Runtime bundle (a directory or a ``Recognizer`` made from one) on ``manifests``.
 
-    ``num_threads`` and ``max_symbols_per_step`` are as for ``Recognizer``
+    ``num_threads``, ``max_symbols_per_step`` and ``final_padding_secs`` are as for ``Recognizer``
     (ignored when ``bundle`` is one); the rest as for ``evaluate_transcriber``.
 
     Raises:
@@ -103,7 +104,12 @@ def evaluate_bundle(
     recognizer = (
         bundle
         if isinstance(bundle, Recognizer)
-        else Recognizer(bundle, num_threads=num_threads, max_symbols_per_step=max_symbols_per_step)
+        else Recognizer(
+            bundle,
+            num_threads=num_threads,
+            max_symbols_per_step=max_symbols_per_step,
+            final_padding_secs=final_padding_secs,
+        )
     )
     return evaluate_transcriber(
         recognizer.transcribe,

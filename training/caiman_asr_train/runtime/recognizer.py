@@ -44,6 +44,8 @@ class Recognizer:
         bundle_dir: a directory written by ``export_inference(..., "onnxruntime", ...)``.
         num_threads: ONNX Runtime intra-op threads (None: ONNX Runtime's default).
         max_symbols_per_step: per encoder frame, the most symbols emitted.
+        final_padding_secs: seconds of silence ``finish()`` appends (None: the
+            bundle's ``final_padding_secs``, 0.24 s, as the server does).
         verify_files: check every file's sha256 against bundle.json first.
 
     Raises:
@@ -57,6 +59,7 @@ class Recognizer:
         *,
         num_threads: int | None = None,
         max_symbols_per_step: int = 8,
+        final_padding_secs: float | None = None,
         verify_files: bool = True,
     ):
         self.bundle_dir = Path(bundle_dir)
@@ -72,6 +75,8 @@ class Recognizer:
         self.blank_id = int(model["blank_id"])
         self.chunk_frames = int(self.info["chunk_frames"])
         self.max_symbols_per_step = int(max_symbols_per_step)
+        padding = features["final_padding_secs"] if final_padding_secs is None else final_padding_secs
+        self.final_padding = round(float(padding) * self.sample_rate)  # samples
 
     def _session(self, name: str, options: ort.SessionOptions) -> ort.InferenceSession:
         path = self.bundle_dir / f"{name}.onnx"
@@ -101,7 +106,6 @@ class Stream:
         self._r = recognizer
         features, model = recognizer.info["features"], recognizer.info["model"]
         self._hop = int(features["hop_length"])
-        self._final_padding = round(float(features["final_padding_secs"]) * recognizer.sample_rate)
         self._history = np.zeros(int(features["initial_padding"]) + 1, np.float32)
         self._pending = np.zeros((1, int(features["n_filt"]), 0), np.float32)
 
@@ -141,7 +145,7 @@ class Stream:
     def finish(self) -> str:
         """Append the final padding, decode the rest and return the final transcript."""
         if not self.finished:
-            self.accept_waveform(np.zeros(self._final_padding, np.float32))
+            self.accept_waveform(np.zeros(self._r.final_padding, np.float32))
             if self._pending.shape[2]:
                 self._encode(self._pending)
             self.finished = True

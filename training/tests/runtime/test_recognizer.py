@@ -15,6 +15,7 @@ from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.runtime import Recognizer, evaluate_bundle
+from caiman_asr_train.runtime.bundle import is_bundle
 
 
 def pytorch_greedy(hw_path, audio: list) -> list[str]:
@@ -47,12 +48,15 @@ def test_streaming_in_small_pieces_equals_the_whole_utterance(bundle, speech):
         partials.append(list(stream.tokens))
     final = stream.finish()
     assert final == recognizer.transcribe(audio)
+    unpadded = Recognizer(bundle.dir, num_threads=1, final_padding_secs=0.0)
+    assert unpadded.final_padding == 0 and recognizer.final_padding == 3840
     # partial results only grow
     assert all(later[: len(earlier)] == earlier for earlier, later in zip(partials, partials[1:]))
     assert 0 < len(partials[len(partials) // 2]) < len(stream.tokens)
 
 
 def test_evaluate_bundle_scores_manifests_like_val_py(bundle, speech):
+    assert is_bundle(bundle.dir) and not is_bundle(speech.dir)
     result = evaluate_bundle(bundle.dir, [speech.manifest], speech.dir, num_threads=1)
     assert [p["fname"] for p in result.predictions] == [
         f"audio/dev_{i}.flac" for i in range(len(speech.texts))
