@@ -14,13 +14,20 @@ Files:
     joiner.onnx   encoder_output f32[N, H, 1], decoder_output f32[N, P, 1] -> logits f32[N, 1, 1, n_classes]
     tokens.txt    "<piece> <id>" per line, the SentencePiece pieces then "<blk>" last
 
-sherpa-onnx computes the features itself with kaldi-native-fbank (its NeMo
-settings: 25 ms frames every 10 ms, pre-emphasis 0.97, Slaney mel from 0 Hz
-(``is_librosa``), no dither, ``snip_edges`` false). That is close to SPEC
-section 6 but not equal (window shape, frame positions at the edges, log
-floor, no initial or final padding), so transcripts can differ slightly from
-PyTorch's; ``export_inference(..., verify_manifests=...)`` measures by how
-much. Models trained with windows other than 25 ms do not fit this front end.
+sherpa-onnx computes the features itself with kaldi-native-fbank. For NeMo
+transducers it sets low_freq 0, ``is_librosa`` (Slaney mel) and no DC-offset
+removal, and keeps its other defaults: 25 ms frames every 10 ms,
+pre-emphasis 0.97, no dither, ``snip_edges`` false; none of these can be set
+from its Python API. What still differs from SPEC section 6: the "povey"
+window (Hann to the power 0.85) instead of DALI's Hann; the frame positions
+(the first frame is centred on sample 0 with reflected edges, where we
+prepend ``window_size - window_stride`` of zeros: a 7.5 ms shift); its mel
+upper edge (``high_freq`` -400, 400 Hz below Nyquist, in kaldi's
+convention); its log floor (float epsilon instead of 1e-20). Transcripts can
+therefore differ from PyTorch's; ``export_inference(...,
+verify_manifests=...)`` measures by how much (``sherpa_transcriber`` appends
+the server's 0.24 s of final silence). Models trained with windows other
+than 25 ms do not fit this front end.
 """
 
 from pathlib import Path
@@ -34,7 +41,6 @@ from caiman_asr_train.deploy.onnxruntime_bundle import numpy_weights
 
 PathLike = Union[str, Path]
 
-SHERPA_FILES = ("encoder.onnx", "decoder.onnx", "joiner.onnx", "tokens.txt")
 BLANK_TOKEN = "<blk>"
 
 
