@@ -41,26 +41,34 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.data.dataset import AudioDataset
-from caiman_asr_train.data.features import FeaturePipeline, SpeedPerturbation, load_mel_stats, norm_weight
+from caiman_asr_train.data.features import SpeedPerturbation, norm_weight
 from caiman_asr_train.data.sampler import BucketingSampler
-from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.export.checkpointer import Checkpointer
+from caiman_asr_train.export.checkpointer import Checkpointer, asset_sha256, first_non_finite
+from caiman_asr_train.export.hardware_ckpt import hw_path
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
 from caiman_asr_train.train_utils import distributed as dist_utils
+from caiman_asr_train.train_utils.batches import TrainBatches, TrainItems, filter_train_entries, read_entries
+from caiman_asr_train.train_utils.builders import (
+    build_model,
+    build_pipeline,
+    build_tokenizer,
+    sample_rate,
+    scoring_settings,
+    text_settings,
+)
 from caiman_asr_train.train_utils.callbacks import (
     FinalizeCallback,
     FinalizeContext,
     HardwareExportCallback,
-    hw_path,
     run_finalize,
     shown_path,
 )
-from caiman_asr_train.train_utils.batches import TrainBatches, TrainItems, filter_train_entries, read_entries
 from caiman_asr_train.train_utils.ema import update_ema
 from caiman_asr_train.train_utils.launcher import launch_local_processes
 from caiman_asr_train.train_utils.logger import Throughput, TrainLogger, format_seconds
@@ -71,11 +79,10 @@ from caiman_asr_train.train_utils.signals import PreemptionHandler
 from caiman_asr_train.train_utils.validation import Validator
 from caiman_asr_train.utils.atomic import atomic_write
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.paths import REPO_ROOT
 
 MODEL_NAME = "RNN-T"
-# training/caiman_asr_train/train.py -> the repository root; default paths are
-# relative to it, so ./train.sh works from any directory.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# Default paths are relative to the repository, so ./train.sh works from any directory.
 REPO_DEFAULTS = {
     "model_config": "training/configs/demo.yaml",
     "output_dir": "results",
@@ -345,6 +352,10 @@ def pick_device(choice: str, info: dist_utils.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or Inf: training stops without saving them."""
+
+
 class LossModule(torch.nn.Module):
     """``forward`` returns the model's loss, so DistributedDataParallel can wrap it."""
 
@@ -417,127 +428,103 @@ class Trainer:
         dist_utils.barrier(info)
         self.log = TrainLogger(self.output_dir, enabled=info.is_main)
 
-        tok_cfg = config.tokenizer(self.cfg)
-        self.tokenizer = Tokenizer(tok_cfg["sentpiece_model"], sampling=tok_cfg["sampling"])
-        self.tokenizer_kw = {**tok_cfg, "unk": "fail"}
-        train_inp, val_inp = config.input(self.cfg, "train"), config.input(self.cfg, "val")
-        melmeans, melvars, _ = load_mel_stats(
-            train_inp["filterbank_features"]["stats_path"], train_inp["filterbank_features"]["n_filt"]
-        )
-        self.train_pipeline = (
-            FeaturePipeline(
-                train_inp["filterbank_features"],
-                train_inp["frame_splicing"],
-                melmeans,
-                melvars,
-                train_inp["spec_augment"],
-            )
-            .to(self.device)
-            .train()
-        )
-        val_means, val_vars, _ = load_mel_stats(
-            val_inp["filterbank_features"]["stats_path"], val_inp["filterbank_features"]["n_filt"]
-        )
-        val_pipeline = (
-            FeaturePipeline(val_inp["filterbank_features"], val_inp["frame_splicing"], val_means, val_vars)
-            .to(self.device)
-            .eval()
-        )
-        self.sample_rate = int(train_inp["audio_dataset"]["sample_rate"])
-
-        dataset_kw = dict(
-            normalize_transcripts=train_inp["audio_dataset"]["normalize_transcripts"],
-            labels=tok_cfg["labels"],
-            replacements=train_inp["audio_dataset"].get("replacements"),
-            remove_tags=train_inp["audio_dataset"].get("remove_tags", True),
-        )
-        all_train = read_entries(args.train_manifests, args.dataset_dir)
-        train_entries = filter_train_entries(all_train, train_inp)
-        self.log.info(
-            f"training utterances: {len(train_entries)} of {len(all_train)} (after duration/length filters)"
-        )
-        train_dataset = AudioDataset(
-            train_entries,
-            args.dataset_dir,
-            self.sample_rate,
-            tokenizer=self.tokenizer,
-            sample_tokens=tok_cfg["sampling"] > 0,
-            **dataset_kw,
-        )
-        speed = (
-            SpeedPerturbation(**train_inp["speed_perturbation"]) if train_inp["speed_perturbation"] else None
-        )
-        self.train_items = TrainItems(train_dataset, speed)
-        self.batch_size = local_batch_size(args, info.world_size)
-        self.sampler = BucketingSampler(
-            train_dataset.durations, self.batch_size, args.seed, args.num_buckets, info.rank, info.world_size
-        )
-
-        val_entries = sorted(
-            read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"]
-        )
-        val_audio = val_inp["audio_dataset"]
-        self.validator = Validator(
-            dataset=AudioDataset(
-                val_entries[info.rank :: info.world_size],
-                args.dataset_dir,
-                self.sample_rate,
-                normalize_transcripts=val_audio["normalize_transcripts"],
-                labels=tok_cfg["labels"],
-                replacements=val_audio.get("replacements"),
-                remove_tags=val_audio.get("remove_tags", True),
-            ),
-            pipeline=val_pipeline,
-            tokenizer=self.tokenizer,
-            sample_rate=self.sample_rate,
-            final_padding_secs=args.val_final_padding_secs,
-            standardize_wer=bool(val_audio.get("standardize_wer", True)),
-            error_rate=val_audio.get("error_rate", "word"),
-            batch_size=args.val_batch_size,
-            device=self.device,
-            dist=info,
-            seed=args.seed,
-        )
+        self.tokenizer = build_tokenizer(self.cfg, sampling=True)
+        self.tokenizer_kw = {**config.tokenizer(self.cfg), "unk": "fail"}
+        # Recorded in every checkpoint: exports compare the files against them.
+        self.asset_sha256 = asset_sha256(self.cfg)
+        self.sample_rate = sample_rate(self.cfg, "train")
+        self.train_pipeline = build_pipeline(self.cfg, "train").to(self.device).train()
+        self.train_items, self.sampler = self._build_training_data()
+        self.batch_size = self.sampler.batch_size
+        self.validator = self._build_validator()
 
         torch.manual_seed(args.seed)
-        self.model = RNNT(self.tokenizer.num_labels + 1, **config.rnnt(self.cfg)).to(self.device)
-        self.ema_model = copy.deepcopy(self.model).eval()
-        for p in self.ema_model.parameters():
-            p.requires_grad_(False)
+        self.model = build_model(self.cfg, self.tokenizer).to(self.device)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.optimizer = build_optimizer(
             self.model.param_groups(args.lr), args.optimizer, args.lr, args.weight_decay, self.device
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        loss_module = LossModule(self.model)
-        self.loss_module = (
-            DistributedDataParallel(
-                loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            if info.distributed
-            else loss_module
-        )
+        self.loss_module = self._build_loss_module()
         noise = self.cfg.get("grad_noise_scheduler") or {}
         self.grad_noise = (
             float(noise.get("noise_level", 0.0)),
             float(noise.get("decay_const", 0.55)),
             int(noise.get("start_step", 0)),
         )
+        self.last_wer: Optional[float] = None
 
         self.step = 0
         self.best_wer = math.inf
-        self.config_text = self.config_path.read_text()
         if resume_path is not None:
             self._resume(resume_path)
         elif args.fine_tune:
             self.checkpointer.load(Path(args.ckpt), self.model, self.ema_model)
             self.log.info(f"fine-tuning from {args.ckpt}: weights and EMA loaded, fresh schedule")
         self._write_run_files(argv, resumed=resume_path is not None)
+        self.throughput = Throughput(self.step, args.training_steps)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.info(
             f"model: {n_params:,} parameters, {self.tokenizer.num_labels + 1} classes; device {self.device}"
             f"{' (AMP)' if self.amp else ''}; {info.world_size} process(es), {self.batch_size} utterances per "
             f"micro-batch, {self.sampler.batches_per_epoch // args.grad_accumulation_batches} steps per epoch"
         )
+
+    def _build_training_data(self) -> tuple[TrainItems, BucketingSampler]:
+        """The training utterances (after the config's filters) and the sampler that batches them."""
+        args, inp = self.args, config.input(self.cfg, "train")
+        all_train = read_entries(args.train_manifests, args.dataset_dir)
+        entries = filter_train_entries(all_train, inp)
+        self.log.info(f"training utterances: {len(entries)} of {len(all_train)} (after duration/length filters)")
+        dataset = AudioDataset(
+            entries,
+            args.dataset_dir,
+            self.sample_rate,
+            tokenizer=self.tokenizer,
+            sample_tokens=config.tokenizer(self.cfg)["sampling"] > 0,
+            **text_settings(self.cfg, "train"),
+        )
+        speed = SpeedPerturbation(**inp["speed_perturbation"]) if inp["speed_perturbation"] else None
+        sampler = BucketingSampler(
+            dataset.durations,
+            local_batch_size(args, self.dist.world_size),
+            args.seed,
+            args.num_buckets,
+            self.dist.rank,
+            self.dist.world_size,
+        )
+        return TrainItems(dataset, speed), sampler
+
+    def _build_validator(self) -> Validator:
+        """Greedy WER on this process's share of the dev manifests, shortest utterances first."""
+        args = self.args
+        entries = sorted(read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"])
+        scoring = scoring_settings(self.cfg)
+        return Validator(
+            dataset=AudioDataset(
+                entries[self.dist.rank :: self.dist.world_size],
+                args.dataset_dir,
+                self.sample_rate,
+                **text_settings(self.cfg, "val"),
+            ),
+            pipeline=build_pipeline(self.cfg, "val").to(self.device).eval(),
+            tokenizer=self.tokenizer,
+            sample_rate=self.sample_rate,
+            final_padding_secs=args.val_final_padding_secs,
+            standardize_wer=scoring["standardize"],
+            error_rate=scoring["error_rate"],
+            batch_size=args.val_batch_size,
+            device=self.device,
+            dist=self.dist,
+            seed=args.seed,
+        )
+
+    def _build_loss_module(self) -> torch.nn.Module:
+        """The model's loss, wrapped in DistributedDataParallel when there are several processes."""
+        loss_module = LossModule(self.model)
+        if not self.dist.distributed:
+            return loss_module
+        return DistributedDataParallel(loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _resume(self, path: Path) -> None:
         state = self.checkpointer.load(path, self.model, self.ema_model, self.optimizer)
@@ -554,7 +541,7 @@ class Trainer:
             set_rng_state(state["rng_state"])
         if state.get("grad_scaler") and self.amp:
             self.scaler.load_state_dict(state["grad_scaler"])
-        self.log.info(f"resumed from {path} at step {self.step} (best WER {self.best_wer:.4f})")
+        self.log.info(f"resumed from {path} at step {self.step} (best WER {100 * self.best_wer:.2f}%)")
 
     def _write_run_files(self, argv: Sequence[str], resumed: bool) -> None:
         if not self.dist.is_main:
@@ -562,12 +549,19 @@ class Trainer:
         name = f"args_resume_step{self.step}.json" if resumed else "args.json"
         record = {"argv": list(argv), "args": vars(self.args)}
         atomic_write(self.output_dir / name, lambda f: f.write(json.dumps(record, indent=2).encode()))
-        atomic_write(self.output_dir / "model_config.yaml", lambda f: f.write(self.config_text.encode()))
+        # The parsed config, whose paths are absolute: --model_config results/model_config.yaml then works.
+        text = yaml.safe_dump(self.cfg, sort_keys=False)
+        atomic_write(self.output_dir / "model_config.yaml", lambda f: f.write(text.encode()))
 
     def norm_weight(self) -> float:
         return norm_weight(self.step, self.args.norm_ramp_start_step, self.args.norm_ramp_end_step)
 
     def save(self, dev_wer: Optional[float], **kind) -> None:
+        """Save a checkpoint (``kind``: is_best/is_last); refuse non-finite weights, keeping the older files."""
+        for name, module in (("model", self.model), ("EMA", self.ema_model)):
+            bad = first_non_finite(module.state_dict())
+            if bad is not None:
+                raise TrainingDiverged(f"step {self.step}: {name} weight '{bad}' became NaN or Inf")
         self.checkpointer.save(
             self.model,
             self.ema_model,
@@ -578,11 +572,12 @@ class Trainer:
             tokenizer_kw=self.tokenizer_kw,
             logmel_norm_weight=self.norm_weight(),
             config_path=str(self.config_path.resolve()),
+            config=self.cfg,
+            asset_sha256=self.asset_sha256,
             dev_wer=dev_wer,
             rng_state=get_rng_state(),
             data_state=self.sampler.state_dict(),
             grad_scaler=self.scaler.state_dict() if self.amp else None,
-            config_text=self.config_text,
             **kind,
         )
 
@@ -662,41 +657,20 @@ class Trainer:
             self.log.info(
                 f"already at step {self.step} >= --training_steps {args.training_steps}; nothing to train"
             )
-        self.throughput = Throughput(self.step, args.training_steps)
         self.model.train()
-        last_val_step = -1
-        stop_signal: Optional[int] = None
         batches = TrainBatches(
             self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers
         )
         with PreemptionHandler() as preemption, batches:
-            loss_sum, loss_count = 0.0, 0
-            while self.step < args.training_steps:
-                loss, grad_norm, audio_secs = self.train_step(batches)
-                loss_sum, loss_count = loss_sum + loss, loss_count + 1
-                self.throughput.add_audio(audio_secs * self.dist.world_size)
-                if self.step % args.log_frequency == 0 or self.step == args.training_steps:
-                    self._log_progress(loss_sum / loss_count, grad_norm)
-                    loss_sum, loss_count = 0.0, 0
-                dev_wer = None
-                if (
-                    self.step == 1
-                    or (args.val_frequency and self.step % args.val_frequency == 0)
-                    or self.step == args.training_steps
-                ):
-                    dev_wer = self.validate()
-                    last_val_step = self.step
-                if args.save_frequency and self.step % args.save_frequency == 0:
-                    start = time.perf_counter()
-                    self.save(dev_wer)
-                    self.throughput.pause(time.perf_counter() - start)
-                if dist_utils.any_rank(preemption.stop_requested, self.dist, self.device):
-                    stop_signal = preemption.signum or 15
-                    self.log.info(f"stopping at step {self.step} on request")
-                    break
-            batches.close()
-            self.save(self.last_wer if last_val_step == self.step else None, is_last=True)
-            self.log.info(f"saved {self.checkpointer.last_path}")
+            try:
+                stop_signal = self._train_until_done_or_stopped(batches, preemption)
+            except TrainingDiverged as exc:
+                self.log.error(
+                    f"error: {exc}; training stopped and the checkpoints already saved are intact "
+                    "(resume from one of them with a lower --lr, or fine-tune from it)"
+                )
+                self.log.close()
+                return 1
             reason = "finished" if stop_signal is None else f"signal {stop_signal}"
             status = run_finalize(self.finalize_callbacks(), self._finalize_context(reason))
         if status == 0 and stop_signal is None:
@@ -707,6 +681,48 @@ class Trainer:
         if status:
             return status
         return 0 if stop_signal is None else 128 + stop_signal
+
+    def _train_until_done_or_stopped(self, batches: TrainBatches, preemption: PreemptionHandler) -> Optional[int]:
+        """Train to ``--training_steps`` or a stop request, then save the last checkpoint.
+
+        Returns the signal number that stopped training, or None when it finished.
+
+        Raises:
+            TrainingDiverged: the loss or the weights became non-finite (nothing more is saved).
+        """
+        args = self.args
+        last_val_step = -1
+        stop_signal: Optional[int] = None
+        loss_sum, loss_count = 0.0, 0
+        while self.step < args.training_steps:
+            loss, grad_norm, audio_secs = self.train_step(batches)
+            if dist_utils.any_rank(not math.isfinite(loss), self.dist, self.device):
+                raise TrainingDiverged(f"step {self.step}: the training loss became NaN or Inf")
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+            self.throughput.add_audio(audio_secs * self.dist.world_size)
+            if self.step % args.log_frequency == 0 or self.step == args.training_steps:
+                self._log_progress(loss_sum / loss_count, grad_norm)
+                loss_sum, loss_count = 0.0, 0
+            dev_wer = None
+            if (
+                self.step == 1
+                or (args.val_frequency and self.step % args.val_frequency == 0)
+                or self.step == args.training_steps
+            ):
+                dev_wer = self.validate()
+                last_val_step = self.step
+            if args.save_frequency and self.step % args.save_frequency == 0:
+                start = time.perf_counter()
+                self.save(dev_wer)
+                self.throughput.pause(time.perf_counter() - start)
+            if dist_utils.any_rank(preemption.stop_requested, self.dist, self.device):
+                stop_signal = preemption.signum or 15
+                self.log.info(f"stopping at step {self.step} on request")
+                break
+        batches.close()
+        self.save(self.last_wer if last_val_step == self.step else None, is_last=True)
+        self.log.info(f"saved {self.checkpointer.last_path}")
+        return stop_signal
 
     def val_command(self) -> str:
         """The ./val.sh command that scores the best hardware checkpoint on this run's dev data."""
@@ -741,6 +757,9 @@ class Trainer:
             config_path=self.config_path,
             dist=self.dist,
             reason=reason,
+            config=self.cfg,
+            log=self.log.info,
+            log_error=self.log.error,
         )
 
     def _log_progress(self, loss: float, grad_norm: float) -> None:

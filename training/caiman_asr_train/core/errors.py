@@ -33,3 +33,7 @@ class HardwareCheckpointError(CheckpointError):
 
 class ExportError(UserError):
     """An inference export cannot be written: output in the way, bad options, or a failed WER gate."""
+
+
+class OutputError(UserError):
+    """An output file cannot be written: read-only location, a directory in the way, or no space left."""

@@ -37,6 +37,7 @@ class TrainLogger:
     def __init__(self, output_dir: Path, enabled: bool = True) -> None:
         self.enabled = enabled
         self._writer = None
+        self._log_file: Optional[logging.FileHandler] = None
         self._logger = logging.getLogger("caiman_asr_train.train")
         if not enabled:
             return
@@ -51,6 +52,7 @@ class TrainLogger:
         log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self._logger.addHandler(console)
         self._logger.addHandler(log_file)
+        self._log_file = log_file
         # Imported here: it pulls in tensorboard, which other ranks never need.
         from torch.utils.tensorboard import SummaryWriter
 
@@ -59,6 +61,14 @@ class TrainLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             self._logger.info(message)
+
+    def error(self, message: str) -> None:
+        """An error line: on stderr and in ``train.log`` (rank 0 only, like ``info``)."""
+        if not self.enabled:
+            return
+        print(message, file=sys.stderr, flush=True)
+        if self._log_file is not None:
+            self._log_file.handle(self._logger.makeRecord(self._logger.name, logging.ERROR, "", 0, message, None, None))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars at ``step`` (names such as ``train/loss``)."""
@@ -77,6 +87,7 @@ class TrainLogger:
         for handler in list(self._logger.handlers):
             self._logger.removeHandler(handler)
             handler.close()
+        self._log_file = None
 
 
 class Throughput:
