@@ -36,13 +36,18 @@ caiman_bootstrap() {
     PY="$_caiman_root/.venv/bin/python"
     export PY
     "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    local requirements=()
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build
         # this project is tested with. GPU images bring their own torch.
-        echo "[bootstrap] installing torch==2.13.0" >&2
-        "$PY" -m pip install -q "torch==2.13.0" || { echo "error: pip could not install torch==2.13.0" >&2; return 1; }
+        requirements+=("torch==2.13.0")
     fi
-    echo "[bootstrap] installing caiman_asr_train (editable) and its dependencies" >&2
-    "$PY" -m pip install -q -e "$_caiman_root/training[dev]" || { echo "error: pip install -e training[dev] failed" >&2; return 1; }
+    # One pip run resolves torch and the rest together. --prefer-binary: an
+    # older wheel rather than a newer source release, so set-up never compiles
+    # what a wheel provides (the KenLM module comes as the ufal-kenlm wheel;
+    # only scripts/build_kenlm.sh compiles, and only KenLM's command-line tools).
+    echo "[bootstrap] installing ${requirements[*]:+${requirements[*]} and }caiman_asr_train (editable) with its dependencies" >&2
+    "$PY" -m pip install -q --prefer-binary ${requirements[@]+"${requirements[@]}"} -e "$_caiman_root/training[dev]" \
+        || { echo "error: pip install ${requirements[*]:+${requirements[*]} }-e training[dev] failed" >&2; return 1; }
     _caiman_has_package "$PY" || { echo "error: caiman_asr_train still not importable from $PY" >&2; return 1; }
 }
