@@ -1,10 +1,29 @@
 """Run command-line entry points so that expected mistakes print one line, not a traceback."""
 
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, NoReturn, Optional, TextIO
 
 from caiman_asr_train.core.errors import UserError
+
+# Set by the multi-process launcher (train_utils/launcher.py): a rank writes its
+# error line there and the launcher prints each distinct line once, instead of
+# one copy per rank.
+ERROR_DIR_ENV = "CAIMAN_ERROR_DIR"
+
+
+def report_error(line: str) -> None:
+    """Print a one-line error, or hand it to the launcher when running as one of its ranks."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir:
+        try:
+            (Path(error_dir) / f"rank{os.environ.get('RANK', '0')}").write_text(line + "\n")
+            return
+        except OSError:
+            pass  # the launcher is gone: print it ourselves
+    print(line, file=sys.stderr, flush=True)
 
 
 def format_warning(
@@ -35,7 +54,7 @@ def run_cli(main: Callable[[], object]) -> NoReturn:
     try:
         status = main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(f"error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
