@@ -1,16 +1,14 @@
 """export_inference and its CLI: every target, atomic output, verification, refusals and the real sherpa-onnx."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from caiman_asr_train.core.errors import ExportError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
-from caiman_asr_train.export.inference import export_inference, sherpa_transcriber
+from caiman_asr_train.export.inference import export_inference, main, sherpa_transcriber
 from caiman_asr_train.runtime import Recognizer
 from caiman_asr_train.runtime.bundle import read_bundle
+from caiman_asr_train.utils.cli import run_cli
 
 
 @pytest.fixture
@@ -74,48 +72,40 @@ def test_an_existing_output_is_kept_unless_overwrite(hw_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_cli_refuses_quantized_fpga_exports_in_one_line(hw_path, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "caiman_asr_train.export.inference",
-            "--ckpt",
-            str(hw_path),
-            "--target",
-            "myrtle-fpga",
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--quantize_weights",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "float32 weights only" in result.stderr
+def run_cli_main(argv: list[str]) -> int:
+    """The exit status of the command line with ``argv``, run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    return exit_info.value.code
+
+
+def test_cli_refuses_quantized_fpga_exports_in_one_line(hw_path, tmp_path, capsys):
+    argv = [
+        "--ckpt",
+        str(hw_path),
+        "--target",
+        "myrtle-fpga",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--quantize_weights",
+    ]
+    assert run_cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "float32 weights only" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_names_a_foreign_source_file(tmp_path):
+def test_cli_names_a_foreign_source_file(tmp_path, capsys):
     source = tmp_path / "notes.pt"
     torch.save({"hello": torch.zeros(1)}, source)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "caiman_asr_train.export.inference",
-            "--ckpt",
-            str(source),
-            "--target",
-            "onnxruntime",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
+    assert (
+        run_cli_main(
+            ["--ckpt", str(source), "--target", "onnxruntime", "--output_dir", str(tmp_path / "out")]
+        )
+        == 2
     )
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "neither a hardware checkpoint" in result.stderr
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither a hardware checkpoint" in err
 
 
 def test_a_quantized_bundle_passes_the_wer_gate_and_records_its_type(hw_path, speech, tmp_path):
