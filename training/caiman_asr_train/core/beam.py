@@ -22,12 +22,14 @@ Scores: each token adds its log-probability, plus ``NgramScorer.score``
 (``scale_factor * ln P(piece | context)``; user tokens such as ``<EOS>`` are
 not scored) and the keyword bonus (``core.keywords``).
 
-Speed: the utterances of a batch advance together. Each expansion step pops
-the best input hypothesis of every unfinished utterance, and runs one
-prediction-network call (only for hypotheses whose token sequence was never
-seen, since outputs are cached per token prefix in a trie) and one joint call
-for all of them. Utterances may be spread over forked CPU processes
-(``procs``).
+Speed: the utterances of a batch advance together. Each step runs one
+prediction-network call (only for token sequences never seen before: outputs
+are cached per token prefix in a trie shared by the batch) and one joint call
+for the input hypotheses of every unfinished utterance that have no joint
+output at their frame yet; then each utterance expands, best first, every
+hypothesis it can until its frame ends or its best input is one made in this
+step. The order of expansions is exactly that of expanding one hypothesis at
+a time. Utterances may be spread over forked CPU processes (``procs``).
 """
 
 import math
@@ -195,7 +197,7 @@ def _merge(into: dict[str, _Hyp], key: str, hyp: _Hyp) -> None:
 
 
 class _Utterance:
-    __slots__ = ("index", "frames", "t", "inputs", "kept", "final_depth", "last_final", "result")
+    __slots__ = ("index", "frames", "t", "inputs", "kept", "rows", "final_depth", "last_final", "result")
 
     def __init__(self, index: int, frames: int, root: _Hyp, root_text: str):
         self.index = index
@@ -203,6 +205,8 @@ class _Utterance:
         self.t = 0
         self.inputs: dict[str, _Hyp] = {root_text: root}
         self.kept: dict[str, _Hyp] = {}
+        # node -> joint output at frame t: [blank log-prob, top-k log-probs, top-k ids]
+        self.rows: dict[int, list[float]] = {}
         self.final_depth = 0
         self.last_final = 0
         self.result: Optional[int] = None if frames > 0 else 0
@@ -289,25 +293,31 @@ class BeamSearch:
         ]
         active = [u for u in utts if u.result is None]
         while active:
-            work: list[tuple[_Utterance, _Hyp]] = []
+            # Joint outputs for every input hypothesis not scored yet at its utterance's frame, in one
+            # call: the log-probabilities of a hypothesis depend only on its tokens and the frame, so
+            # scoring the whole input set ahead lets each utterance expand several hypotheses per
+            # step, in the same best-first order as one at a time.
+            requests = [(u, h.node) for u in active for h in u.inputs.values() if h.node not in u.rows]
+            if requests:
+                nodes = [n for _, n in requests]
+                store.compute(nodes)
+                enc_rows = enc[[u.index for u, _ in requests], [u.t for u, _ in requests]]
+                logits = model.joint_net(enc_rows + store.g[nodes])
+                logp = torch.log_softmax(logits / opts.temperature, dim=-1)
+                top_v, top_i = logp.topk(k, dim=-1)
+                table = torch.cat([logp[:, blank : blank + 1], top_v, top_i.to(logp.dtype)], dim=1).tolist()
+                for (u, node), row in zip(requests, table):
+                    u.rows[node] = row
             for u in active:
-                while u.result is None and self._frame_over(u):
+                while not self._frame_over(u):
+                    key = max(u.inputs, key=lambda key: u.inputs[key].score)
+                    row = u.rows.get(u.inputs[key].node)
+                    if row is None:
+                        break  # a hypothesis made in this step: scored in the next
+                    self._expand(u, u.inputs.pop(key), row, k, blank, topk_thresh, store)
+                else:
                     self._end_frame(u, store)
-                if u.result is None:
-                    best = max(u.inputs, key=lambda key: u.inputs[key].score)
-                    work.append((u, u.inputs.pop(best)))
-            active = [u for u, _ in work]
-            if not work:
-                break
-            nodes = [h.node for _, h in work]
-            store.compute(nodes)
-            enc_rows = enc[[u.index for u, _ in work], [u.t for u, _ in work]]
-            logits = model.joint_net(enc_rows + store.g[nodes])
-            logp = torch.log_softmax(logits / opts.temperature, dim=-1)
-            top_v, top_i = logp.topk(k, dim=-1)
-            table = torch.cat([logp[:, blank : blank + 1], top_v, top_i.to(logp.dtype)], dim=1).tolist()
-            for (u, hyp), row in zip(work, table):
-                self._expand(u, hyp, row, k, blank, topk_thresh, store)
+            active = [u for u in active if u.result is None]
         return [store.tokens(u.result) for u in utts]
 
     def _expand(
@@ -367,6 +377,7 @@ class BeamSearch:
             h.symbols = 0
         u.inputs = {store.text[h.node]: h for h in beam}
         u.kept = {}
+        u.rows = {}
 
     def _update_finals(self, u: _Utterance, beam: list[_Hyp], store: _PrefixStore) -> None:
         """Track finals; past ``final_emission_thresh`` seconds without one, drop the worst hypotheses until one is made."""

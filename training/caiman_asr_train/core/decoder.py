@@ -26,6 +26,18 @@ def greedy_decode(
     Returns one list of label ids per utterance.
     """
     f, f_lens, _ = model.encode(x, x_lens)
+    return greedy_search(model, f, f_lens, max_symbols_per_step, prefix_tokens)
+
+
+@torch.no_grad()
+def greedy_search(
+    model: RNNT,
+    f: Tensor,
+    f_lens: Tensor,
+    max_symbols_per_step: int = 8,
+    prefix_tokens: Optional[Sequence[int]] = None,
+) -> list[list[int]]:
+    """The greedy search of ``greedy_decode`` over encoder output f[B, T', enc_n_hid], f_lens[B] frames."""
     batch, frames, _ = f.shape
     blank = model.config.blank_idx
     device = f.device
