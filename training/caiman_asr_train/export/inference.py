@@ -214,7 +214,7 @@ def _verify(
         "manifests": [str(m) for m in manifests],
         "utterances": len(reference.predictions),
         "pytorch": reference.wer,
-        target: exported.wer,
+        "export": exported.wer,
         "identical": same / max(1, len(reference.predictions)),
     }
     print(
@@ -280,8 +280,9 @@ def export_inference(
     Returns:
         ``{"target", "output_dir", "files", "source", "source_sha256", "step",
         "quantize_type", "wer"}``; ``wer`` is None without ``verify_manifests``,
-        else ``{"manifests", "utterances", "pytorch", <target>, "identical"}``
-        (rates and the identical fraction as fractions).
+        else ``{"manifests", "utterances", "pytorch": the float PyTorch model's
+        WER, "export": the artefact's WER, "identical"}`` (rates and the
+        identical fraction as fractions).
 
     Raises:
         ExportError: unknown target, quantization for myrtle-fpga, or output in the way.

@@ -17,7 +17,9 @@ A bundle directory (written by ``python -m caiman_asr_train.export.inference
     chunk_frames    feature frames per encoder step unit: frame_subsampling * enc_stack_time_factor
     text            {"labels", "normalize_transcripts", "standardize_wer", "error_rate"}: how WER is scored
     quantize_type   null, or one of the weight quantization types
-    wer             null, or {"manifests", "pytorch", "bundle", "identical"} from --verify_manifests
+    wer             null, or {"manifests", "utterances", "pytorch", "export", "identical"} from
+                    --verify_manifests (WERs of the float PyTorch model and of this bundle, and the
+                    fraction of identical transcripts, all as fractions)
     files           {file name: sha256 hex}: every other file of the bundle
 
 Only the standard library and core errors are imported, so the torch-free

@@ -25,7 +25,7 @@ def test_onnxruntime_export_decodes_exactly_like_pytorch(hw_path, speech, tmp_pa
         dataset_dir=speech.dir,
     )
     assert summary["wer"]["identical"] == 1.0
-    assert summary["wer"]["onnxruntime"] == summary["wer"]["pytorch"]
+    assert summary["wer"]["export"] == summary["wer"]["pytorch"]
     assert summary["step"] == 42
     assert {
         "features.onnx",
