@@ -43,7 +43,7 @@ from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.deploy.onnxruntime_bundle import FINAL_PADDING_SECS, HW_TEXT, write_onnxruntime_bundle
 from caiman_asr_train.deploy.sherpa import write_sherpa_bundle
-from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
+from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, fpga_variant, save_hardware_ckpt
 from caiman_asr_train.rnnt.config import load as load_config
 from caiman_asr_train.runtime.bundle import read_bundle, sha256_file, write_bundle_json
 from caiman_asr_train.runtime.evaluate import BundleResult, evaluate_transcriber
@@ -154,6 +154,12 @@ def _write_target(
 ) -> None:
     """Write ``target``'s files for ``hw`` into the new, empty ``directory``."""
     if target == "myrtle-fpga":
+        if fpga_variant(hw["state_dict"]) is None:
+            warnings.warn(
+                "the weights match no FPGA-supported model (base or large): the FPGA server cannot run "
+                f"{directory.name}/{HW_FILE}; it is for software use only",
+                stacklevel=2,
+            )
         save_hardware_ckpt(hw, directory / HW_FILE)
     elif target == "pytorch":
         if quantize_type is None:

@@ -67,7 +67,8 @@ def test_an_existing_output_is_kept_unless_overwrite(hw_path, tmp_path):
     with pytest.raises(ExportError, match="exists and is not empty; pass --overwrite"):
         export_inference(hw_path, "myrtle-fpga", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    export_inference(hw_path, "myrtle-fpga", out, overwrite=True)
+    with pytest.warns(UserWarning, match="no FPGA-supported model"):
+        export_inference(hw_path, "myrtle-fpga", out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["model.hw.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
