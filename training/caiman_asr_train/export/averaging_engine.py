@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.core.load_hw import is_hardware_checkpoint, read_checkpoint
-from caiman_asr_train.export.checkpointer import TRAINING_CHECKPOINT_KEYS
 from caiman_asr_train.export.averaging_selection import (
     WER_EPS,
     CheckpointInfo,
@@ -55,6 +54,7 @@ from caiman_asr_train.export.averaging_selection import (
     stem,
     weighting_description,
 )
+from caiman_asr_train.export.checkpointer import TRAINING_CHECKPOINT_KEYS
 
 __all__ = ["AVERAGING_KEY", "average_checkpoints", "select_checkpoints"]
 
@@ -125,7 +125,9 @@ def average_checkpoints(
         raise UserError("no checkpoints to average; give --ckpts or --checkpoint_dir")
     inputs = _open_inputs([Path(p) for p in paths])
     infos = [inspect_checkpoint(x.path, x.ckpt) for x in inputs]
-    resolved, weighting = resolve_weights([i.wer for i in infos], weights, equal=equal_weights, wer_eps=wer_eps)
+    resolved, weighting = resolve_weights(
+        [i.wer for i in infos], weights, equal=equal_weights, wer_eps=wer_eps
+    )
     entries = _check_compatible(inputs)
     logmel_norm_weight = _common_logmel_norm_weight(inputs)
     _warn_if_tokenizers_differ(inputs, log)
@@ -137,13 +139,18 @@ def average_checkpoints(
     for i, (info, weight) in enumerate(zip(infos, resolved), start=1):
         log(f"  [{i}/{len(inputs)}] weight {weight:.4f}  {info.path} {info.summary()}")
     if "ema_state_dict" not in entries:
-        log("  note: not every input has ema_state_dict; the output's EMA weights are the averaged raw weights")
+        log(
+            "  note: not every input has ema_state_dict; the output's EMA weights are the averaged raw weights"
+        )
 
     newest = max(range(len(inputs)), key=lambda i: (infos[i].step if infos[i].step is not None else -1, i))
     keeper = most_weighted(infos, resolved)
     total = sum(_weight_bytes(inputs[0].ckpt[entry]) for entry in entries) * len(inputs)
     averaged = {}
-    with one_thread(), tqdm(total=total, unit="B", unit_scale=True, desc="averaging", disable=not progress) as bar:
+    with (
+        one_thread(),
+        tqdm(total=total, unit="B", unit_scale=True, desc="averaging", disable=not progress) as bar,
+    ):
         for entry in entries:
             averaged[entry] = _average_entry(inputs, entry, resolved, keeper, bar, log)
 
@@ -225,7 +232,9 @@ def _open_inputs(paths: list[Path]) -> list[_Input]:
         item = _Input(path)
         reason = _not_training_reason(item.ckpt)
         if reason:
-            raise CheckpointError(f"{path}: {reason}; average training checkpoints (RNN-T_step*_checkpoint.pt)")
+            raise CheckpointError(
+                f"{path}: {reason}; average training checkpoints (RNN-T_step*_checkpoint.pt)"
+            )
         for key in REQUIRED_KEYS:
             if key not in item.ckpt:
                 raise CheckpointError(
@@ -255,7 +264,9 @@ def _scan(directory: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]
     )
     for path in files:
         if _LAST_NAME.search(stem(path)):
-            excluded.append((path, "a 'last' file: the end-of-training state, covered by the step checkpoints"))
+            excluded.append(
+                (path, "a 'last' file: the end-of-training state, covered by the step checkpoints")
+            )
             continue
         try:
             ckpt = read_checkpoint(path, mmap=True)
@@ -273,7 +284,9 @@ def _scan(directory: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]
     kept = []
     for c in candidates:
         if c.is_best and c.step in by_step:
-            excluded.append((c.path, f"same step ({c.step}) as {by_step[c.step].path.name}: the same weights twice"))
+            excluded.append(
+                (c.path, f"same step ({c.step}) as {by_step[c.step].path.name}: the same weights twice")
+            )
         else:
             kept.append(c)
     return kept, excluded
@@ -290,7 +303,9 @@ def _check_compatible(inputs: list[_Input]) -> list[str]:
         for x in inputs:
             for key, value in x.ckpt[entry].items():
                 if not isinstance(value, Tensor):
-                    raise CheckpointError(f"{x.path}: {entry}['{key}'] is a {type(value).__name__}, not a tensor")
+                    raise CheckpointError(
+                        f"{x.path}: {entry}['{key}'] is a {type(value).__name__}, not a tensor"
+                    )
         for x in inputs[1:]:
             ours, theirs = ref.ckpt[entry], x.ckpt[entry]
             for key in ours:
@@ -357,7 +372,7 @@ def _average_entry(
     converted = torch.empty(_CHUNK, dtype=torch.float64)
     # Zero-weight inputs are skipped, so NaN/inf in them cannot reach the sum.
     used = [(x, w) for x, w in zip(inputs, weights) if w > 0]
-    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    out: OrderedDict[str, Tensor] = OrderedDict()
     for key, first in inputs[0].ckpt[entry].items():
         tensors = [x.ckpt[entry][key] for x in inputs]
         if first.is_floating_point():

@@ -110,7 +110,10 @@ def inspect_checkpoint(path: PathLike, ckpt: Mapping) -> CheckpointInfo:
         step = named.step
     wer, source = _as_wer(ckpt.get("dev_wer")), "dev_wer stored in the checkpoint"
     if wer is None and is_best:
-        wer, source = _as_wer(ckpt.get("best_wer")), "best_wer of a best checkpoint, saved when it was measured"
+        wer, source = (
+            _as_wer(ckpt.get("best_wer")),
+            "best_wer of a best checkpoint, saved when it was measured",
+        )
     if wer is None and named.wer is not None:
         wer, source = named.wer, named.wer_source
     if wer is None:
@@ -245,7 +248,9 @@ def resolve_weights(
         if equal:
             raise UserError("give --weights or --equal_weights, not both")
         if len(weights) != n:
-            raise UserError(f"--weights: got {len(weights)} weight(s) for {n} checkpoint(s); give one per checkpoint")
+            raise UserError(
+                f"--weights: got {len(weights)} weight(s) for {n} checkpoint(s); give one per checkpoint"
+            )
         for w in weights:
             if not math.isfinite(w) or w < 0:
                 raise UserError(f"--weights: {w} is not a finite number >= 0; give non-negative weights")
@@ -276,7 +281,9 @@ def most_weighted(infos: Sequence[CheckpointInfo], weights: Sequence[float]) -> 
 
     The highest weight; ties go to the highest step, then to the later input.
     """
-    return max(range(len(infos)), key=lambda i: (weights[i], infos[i].step if infos[i].step is not None else -1, i))
+    return max(
+        range(len(infos)), key=lambda i: (weights[i], infos[i].step if infos[i].step is not None else -1, i)
+    )
 
 
 def _step_from_name(path: Path) -> Optional[int]:

@@ -41,9 +41,24 @@ from typing import Optional, Sequence
 from caiman_asr_train.core.errors import HardwareCheckpointError, UserError
 from caiman_asr_train.core.load_hw import read_checkpoint, validate_hw_checkpoint
 from caiman_asr_train.export.averaging_engine import average_checkpoints, select_checkpoints
-from caiman_asr_train.export.averaging_selection import WER_EPS, info_from_name, inspect_checkpoint, parse_steps, resolve_weights
-from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, hardware_ckpt_with_weights, save_hardware_ckpt
-from caiman_asr_train.export.sharded_averaging import average_sharded, default_output, select_sharded, sharded_format
+from caiman_asr_train.export.averaging_selection import (
+    WER_EPS,
+    info_from_name,
+    inspect_checkpoint,
+    parse_steps,
+    resolve_weights,
+)
+from caiman_asr_train.export.hardware_ckpt import (
+    create_hardware_ckpt,
+    hardware_ckpt_with_weights,
+    save_hardware_ckpt,
+)
+from caiman_asr_train.export.sharded_averaging import (
+    average_sharded,
+    default_output,
+    select_sharded,
+    sharded_format,
+)
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
@@ -55,7 +70,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--ckpts", nargs="+", metavar="CKPT", help="training checkpoints (files, or sharded checkpoint directories)"
+        "--ckpts",
+        nargs="+",
+        metavar="CKPT",
+        help="training checkpoints (files, or sharded checkpoint directories)",
     )
     source.add_argument(
         "--checkpoint_dir",
@@ -67,7 +85,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="sharded checkpoints: only directories whose name starts with this; the output is "
         "<checkpoint_dir>/<name_prefix>-averaged",
     )
-    parser.add_argument("--top_n", type=int, help="with --checkpoint_dir: the N checkpoints with the lowest dev WER")
+    parser.add_argument(
+        "--top_n", type=int, help="with --checkpoint_dir: the N checkpoints with the lowest dev WER"
+    )
     parser.add_argument("--last_n", type=int, help="with --checkpoint_dir: the N newest step checkpoints")
     parser.add_argument(
         "--steps",
@@ -84,7 +104,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "oldest first); normalised to sum 1",
     )
     parser.add_argument(
-        "--equal_weights", action="store_true", help="equal weights even when every checkpoint records a dev WER"
+        "--equal_weights",
+        action="store_true",
+        help="equal weights even when every checkpoint records a dev WER",
     )
     parser.add_argument(
         "--wer_eps",
@@ -92,12 +114,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=WER_EPS,
         help=f"inverse-WER weights are 1/(WER + this), WER a fraction (default {WER_EPS})",
     )
-    parser.add_argument("--output_path", help="write the averaged training checkpoint here (e.g. results/avg.pt)")
     parser.add_argument(
-        "--output_dir", help="sharded checkpoints: directory to write the averaged checkpoint in (default: --checkpoint_dir)"
+        "--output_path", help="write the averaged training checkpoint here (e.g. results/avg.pt)"
     )
     parser.add_argument(
-        "--output_name", help="sharded checkpoints: name of the averaged checkpoint directory (default: <name_prefix>-averaged)"
+        "--output_dir",
+        help="sharded checkpoints: directory to write the averaged checkpoint in (default: --checkpoint_dir)",
+    )
+    parser.add_argument(
+        "--output_name",
+        help="sharded checkpoints: name of the averaged checkpoint directory (default: <name_prefix>-averaged)",
     )
     parser.add_argument(
         "--keep_optimizer",
@@ -108,21 +134,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_hw", help="write an averaged hardware checkpoint here; needs --model_config or --input_hw"
     )
-    parser.add_argument("--model_config", help="with --output_hw: YAML config to build the hardware checkpoint from")
+    parser.add_argument(
+        "--model_config", help="with --output_hw: YAML config to build the hardware checkpoint from"
+    )
     parser.add_argument(
         "--input_hw",
         help="with --output_hw: hardware checkpoint to copy, with the averaged EMA weights in place of its own",
     )
     parser.add_argument("--skip_ngram", action="store_true", help="with --model_config: embed no n-gram")
     parser.add_argument(
-        "--override_ngram_path", help="with --model_config: KenLM binary to embed instead of the config's ngram_path"
+        "--override_ngram_path",
+        help="with --model_config: KenLM binary to embed instead of the config's ngram_path",
     )
     parser.add_argument(
         "--skip_state_dict_check",
         action="store_true",
         help="with --model_config: accept weights matching no FPGA variant (software-only hardware checkpoint)",
     )
-    parser.add_argument("--dry_run", action="store_true", help="print the selection and weights, write nothing")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print the selection and weights, write nothing"
+    )
     args = parser.parse_args(argv)
     args.steps = parse_steps(args.steps)
     return args
@@ -149,11 +180,17 @@ def _check_args(args: argparse.Namespace, sharded: bool) -> None:
         if len(picks) > 1:
             raise UserError("give at most one of --top_n, --last_n and --steps")
         if args.ckpts and not args.output_name and not args.output_dir and not args.name_prefix:
-            raise UserError("with --ckpts directories, give --output_dir and --output_name for the averaged checkpoint")
+            raise UserError(
+                "with --ckpts directories, give --output_dir and --output_name for the averaged checkpoint"
+            )
         return
-    sharded_flags = [f for f in ("name_prefix", "output_dir", "output_name", "keep_optimizer") if getattr(args, f)]
+    sharded_flags = [
+        f for f in ("name_prefix", "output_dir", "output_name", "keep_optimizer") if getattr(args, f)
+    ]
     if sharded_flags:
-        raise UserError(f"--{sharded_flags[0]} is for sharded checkpoint directories; none found among the inputs")
+        raise UserError(
+            f"--{sharded_flags[0]} is for sharded checkpoint directories; none found among the inputs"
+        )
     if args.checkpoint_dir is not None and len(picks) != 1:
         raise UserError("--checkpoint_dir needs exactly one of --top_n, --last_n and --steps")
     if not args.dry_run and not (args.output_path or args.output_hw):
@@ -165,7 +202,11 @@ def _check_args(args: argparse.Namespace, sharded: bool) -> None:
     hw_flags = [f for f in ("skip_ngram", "override_ngram_path", "skip_state_dict_check") if getattr(args, f)]
     if hw_flags and not args.model_config:
         raise UserError(f"--{hw_flags[0]} only applies with --output_hw and --model_config")
-    if args.output_hw and args.output_path and Path(args.output_hw).resolve() == Path(args.output_path).resolve():
+    if (
+        args.output_hw
+        and args.output_path
+        and Path(args.output_hw).resolve() == Path(args.output_path).resolve()
+    ):
         raise UserError("--output_path and --output_hw are the same file; give two paths")
 
 
@@ -181,12 +222,18 @@ def _dry_run(infos: list, args: argparse.Namespace) -> None:
 def _main_sharded(args: argparse.Namespace) -> None:
     if args.checkpoint_dir is not None:
         infos = select_sharded(
-            args.checkpoint_dir, name_prefix=args.name_prefix, top_n=args.top_n, last_n=args.last_n, steps=args.steps
+            args.checkpoint_dir,
+            name_prefix=args.name_prefix,
+            top_n=args.top_n,
+            last_n=args.last_n,
+            steps=args.steps,
         )
         output = default_output(args.checkpoint_dir, args.name_prefix, args.output_dir, args.output_name)
     else:
         infos = [info_from_name(p) for p in args.ckpts]
-        output = default_output(Path(args.ckpts[0]).parent, args.name_prefix, args.output_dir, args.output_name)
+        output = default_output(
+            Path(args.ckpts[0]).parent, args.name_prefix, args.output_dir, args.output_name
+        )
     if args.dry_run:
         _dry_run(infos, args)
         print(f"  output would be {output}")
@@ -211,7 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _main_sharded(args)
         return
     if args.checkpoint_dir is not None:
-        chosen = select_checkpoints(args.checkpoint_dir, top_n=args.top_n, last_n=args.last_n, steps=args.steps)
+        chosen = select_checkpoints(
+            args.checkpoint_dir, top_n=args.top_n, last_n=args.last_n, steps=args.steps
+        )
         paths = [c.path for c in chosen]
     else:
         paths = [Path(p) for p in args.ckpts]

@@ -87,7 +87,9 @@ def sharded_format(directory: PathLike) -> Optional[str]:
         try:
             backend = json.loads(meta.read_text()).get("sharded_backend")
         except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{meta}: not a readable metadata.json ({exc}); is the checkpoint complete?") from None
+            raise CheckpointError(
+                f"{meta}: not a readable metadata.json ({exc}); is the checkpoint complete?"
+            ) from None
         if backend == "zarr":
             return "zarr"
         if backend == "torch_dist" or (directory / DCP_METADATA).is_file():
@@ -150,7 +152,9 @@ def select_sharded(
     """
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
-        raise UserError(f"--checkpoint_dir {directory} is not a directory; give the directory of the checkpoints")
+        raise UserError(
+            f"--checkpoint_dir {directory} is not a directory; give the directory of the checkpoints"
+        )
     candidates: list[CheckpointInfo] = []
     excluded: list[tuple[Path, str]] = []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -171,8 +175,12 @@ def select_sharded(
     )
 
 
-def default_output(checkpoint_dir: PathLike, name_prefix: Optional[str], output_dir: Optional[PathLike],
-                   output_name: Optional[str]) -> Path:
+def default_output(
+    checkpoint_dir: PathLike,
+    name_prefix: Optional[str],
+    output_dir: Optional[PathLike],
+    output_name: Optional[str],
+) -> Path:
     """``<output_dir or checkpoint_dir>/<output_name or name_prefix-averaged>`` (NeMo's naming)."""
     name = output_name or f"{name_prefix or 'checkpoint'}{AVERAGED_SUFFIX}"
     return Path(output_dir or checkpoint_dir) / name
@@ -219,19 +227,29 @@ def average_sharded(
     formats = {p: sharded_format(p) for p in inputs}
     for p, fmt in formats.items():
         if fmt is None:
-            raise CheckpointError(f"{p}: not a sharded checkpoint (no metadata.json or .metadata); give a checkpoint directory")
+            raise CheckpointError(
+                f"{p}: not a sharded checkpoint (no metadata.json or .metadata); give a checkpoint directory"
+            )
     if len(set(formats.values())) > 1:
-        raise CheckpointError(f"{inputs[0]} and the other inputs have different layouts ({', '.join(sorted(set(formats.values())))}); average one kind")
+        raise CheckpointError(
+            f"{inputs[0]} and the other inputs have different layouts ({', '.join(sorted(set(formats.values())))}); average one kind"
+        )
     fmt = formats[inputs[0]]
     infos = list(infos) if infos is not None else [info_from_name(p) for p in inputs]
-    resolved, weighting = resolve_weights([i.wer for i in infos], weights, equal=equal_weights, wer_eps=wer_eps)
+    resolved, weighting = resolve_weights(
+        [i.wer for i in infos], weights, equal=equal_weights, wer_eps=wer_eps
+    )
     keeper = most_weighted(infos, resolved)
-    log(f"averaging {len(inputs)} {fmt} checkpoint(s), weights {weighting_description(weighting, wer_eps, equal_weights)}:")
+    log(
+        f"averaging {len(inputs)} {fmt} checkpoint(s), weights {weighting_description(weighting, wer_eps, equal_weights)}:"
+    )
     for i, (info, weight) in enumerate(zip(infos, resolved), start=1):
         log(f"  [{i}/{len(inputs)}] weight {weight:.4f}  {info.path} {info.summary()}")
     if keep_optimizer:
-        log(f"warning: --keep_optimizer copies {inputs[keeper]}'s optimizer state, which does not match the "
-            "averaged weights; resuming from it restarts the optimizer moments from another model")
+        log(
+            f"warning: --keep_optimizer copies {inputs[keeper]}'s optimizer state, which does not match the "
+            "averaged weights; resuming from it restarts the optimizer moments from another model"
+        )
 
     _remove_leftovers(output, log)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +287,9 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
     for p in inputs:
         real = os.path.realpath(p)
         if real in seen:
-            raise UserError(f"{p} is given twice (as {seen[real]} too); list each checkpoint once and use --weights to weight it more")
+            raise UserError(
+                f"{p} is given twice (as {seen[real]} too); list each checkpoint once and use --weights to weight it more"
+            )
         seen[real] = p
         if not p.is_dir():
             raise CheckpointError(f"{p}: not a directory; give sharded checkpoint directories")

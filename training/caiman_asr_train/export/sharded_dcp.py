@@ -16,6 +16,7 @@ the parts and is written last.
 """
 
 import dataclasses
+import os
 import pickle
 import shutil
 import warnings
@@ -24,10 +25,19 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from caiman_asr_train.core.errors import CheckpointError
-from caiman_asr_train.export.sharded_averaging import DCP_METADATA, add_weighted, is_optimizer_key, round_half_even
+from caiman_asr_train.export.sharded_averaging import (
+    DCP_METADATA,
+    add_weighted,
+    is_optimizer_key,
+    round_half_even,
+)
 from caiman_asr_train.utils.atomic import atomic_write
 
 __all__ = ["SafeFileSystemReader", "average", "read_metadata"]
@@ -40,7 +50,10 @@ _ALLOWED = {
     ("collections", "OrderedDict"),
     ("copyreg", "_reconstructor"),
     ("torch.serialization", "_get_layout"),  # how torch pickles a layout: a lookup by name
-    *(("builtins", name) for name in ("object", "set", "frozenset", "slice", "tuple", "list", "dict", "bytearray")),
+    *(
+        ("builtins", name)
+        for name in ("object", "set", "frozenset", "slice", "tuple", "list", "dict", "bytearray")
+    ),
 }
 
 
@@ -58,7 +71,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if module.startswith("torch.distributed.checkpoint."):
             found = super().find_class(module, name)
@@ -78,7 +93,9 @@ def read_metadata(directory: Path) -> Metadata:
         with open(path, "rb") as f:
             metadata = _RestrictedUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable DCP metadata ({exc}); is the checkpoint complete?") from None
+        raise CheckpointError(
+            f"{path}: unreadable DCP metadata ({exc}); is the checkpoint complete?"
+        ) from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata")
     return metadata
@@ -116,19 +133,29 @@ def average(
             optimizer = is_optimizer_key(key)
             if optimizer and not keep_optimizer:
                 continue
-            if isinstance(md, TensorStorageMetadata) and md.properties.dtype.is_floating_point and not optimizer:
+            if (
+                isinstance(md, TensorStorageMetadata)
+                and md.properties.dtype.is_floating_point
+                and not optimizer
+            ):
                 part = _average_tensor(inputs, readers, key, md, weights, build / f".part{n}")
-                _merge_part(part, build, f"__avg{n}_", state_dict_metadata, storage_data, planner_data)
+                _merge_part(part, build, f"__avg{n}_", state_dict_metadata, storage_data)
                 shutil.rmtree(part)
                 averaged += 1
             else:
                 _copy_entry(inputs[keeper], ref, key, copies, storage_data)
                 state_dict_metadata[key] = md
-                if isinstance(ref.planner_data, dict) and key in ref.planner_data:
-                    planner_data[key] = ref.planner_data[key]
                 copied += 1
+            nested = ref.planner_data.get(key) if isinstance(ref.planner_data, dict) else None
+            # The default planner's entry (the key's path in the nested state dict that was saved);
+            # another planner's objects are its own business and are not carried over.
+            if isinstance(nested, tuple) and all(isinstance(part, (str, int)) for part in nested):
+                planner_data[key] = nested
         copies.flush()
-    metadata = Metadata(state_dict_metadata=state_dict_metadata, planner_data=planner_data, storage_data=storage_data)
+        os.fsync(copies.fileno())
+    metadata = Metadata(
+        state_dict_metadata=state_dict_metadata, planner_data=planner_data, storage_data=storage_data
+    )
     atomic_write(build / DCP_METADATA, lambda f: pickle.dump(metadata, f))
     log(f"  {averaged} tensor(s) averaged, {copied} entries copied from {inputs[keeper]}")
     return {"tensors_averaged": averaged, "entries_copied": copied}
@@ -140,11 +167,15 @@ def _check_compatible(inputs: list[Path], metas: list[Metadata]) -> None:
         theirs = meta.state_dict_metadata
         for key in sorted(set(ref) ^ set(theirs)):
             holder, other = (inputs[0], path) if key in ref else (path, inputs[0])
-            raise CheckpointError(f"{other}: no entry '{key}' (which {holder} has); average checkpoints of the same model")
+            raise CheckpointError(
+                f"{other}: no entry '{key}' (which {holder} has); average checkpoints of the same model"
+            )
         for key, ours in ref.items():
             other = theirs[key]
             if type(ours) is not type(other):
-                raise CheckpointError(f"{path}: '{key}' is a {type(other).__name__} but {inputs[0]} has a {type(ours).__name__}")
+                raise CheckpointError(
+                    f"{path}: '{key}' is a {type(other).__name__} but {inputs[0]} has a {type(ours).__name__}"
+                )
             if isinstance(ours, TensorStorageMetadata):
                 if tuple(other.size) != tuple(ours.size):
                     raise CheckpointError(
@@ -159,8 +190,12 @@ def _check_compatible(inputs: list[Path], metas: list[Metadata]) -> None:
 
 
 def _average_tensor(
-    inputs: list[Path], readers: list[SafeFileSystemReader], key: str, md: TensorStorageMetadata,
-    weights: list[float], part: Path,
+    inputs: list[Path],
+    readers: list[SafeFileSystemReader],
+    key: str,
+    md: TensorStorageMetadata,
+    weights: list[float],
+    part: Path,
 ) -> Path:
     """Average one tensor over the inputs and save it as a one-tensor DCP checkpoint in ``part``."""
     total = torch.empty(tuple(md.size), dtype=torch.float64)
@@ -174,7 +209,9 @@ def _average_tensor(
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
                 dcp.load({key: tensor}, storage_reader=reader)
         except Exception as exc:  # DCP wraps a missing or truncated file in its own exception types
-            raise CheckpointError(f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?") from None
+            raise CheckpointError(
+                f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
+            ) from None
         add_weighted(total, tensor, weight, first, path, key)
         first = False
         del tensor
@@ -182,17 +219,17 @@ def _average_tensor(
     del total
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({key: result}, storage_writer=dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1))
+        dcp.save(
+            {key: result},
+            storage_writer=dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1),
+        )
     return part
 
 
-def _merge_part(part: Path, build: Path, prefix: str, state_dict_metadata: dict, storage_data: dict,
-                planner_data: dict) -> None:
+def _merge_part(part: Path, build: Path, prefix: str, state_dict_metadata: dict, storage_data: dict) -> None:
     """Move a one-tensor checkpoint's data files into ``build`` and add its metadata to the joined one."""
     meta = read_metadata(part)
     state_dict_metadata.update(meta.state_dict_metadata)
-    if isinstance(meta.planner_data, dict):
-        planner_data.update(meta.planner_data)
     moved: set[str] = set()
     for index, info in meta.storage_data.items():
         name = prefix + info.relative_path
@@ -212,8 +249,12 @@ def _copy_entry(source: Path, meta: Metadata, key: str, copies, storage_data: di
                 f.seek(info.offset)
                 data = f.read(info.length)
         except OSError as exc:
-            raise CheckpointError(f"{source}: cannot read '{key}' from {info.relative_path} ({exc}); is the checkpoint complete?") from None
+            raise CheckpointError(
+                f"{source}: cannot read '{key}' from {info.relative_path} ({exc}); is the checkpoint complete?"
+            ) from None
         if len(data) != info.length:
-            raise CheckpointError(f"{source}: '{key}' in {info.relative_path} is truncated; is the checkpoint complete?")
+            raise CheckpointError(
+                f"{source}: '{key}' in {info.relative_path} is truncated; is the checkpoint complete?"
+            )
         storage_data[index] = dataclasses.replace(info, relative_path=COPIED_FILE, offset=copies.tell())
         copies.write(data)

@@ -77,7 +77,9 @@ def average(
             shutil.copytree(source, build / name)
         else:
             shutil.copy2(source, build / name)
-    log(f"  {averaged} array(s) averaged, {copied} copied, {len(others)} other entries copied from {inputs[keeper]}")
+    log(
+        f"  {averaged} array(s) averaged, {copied} copied, {len(others)} other entries copied from {inputs[keeper]}"
+    )
     return {"arrays_averaged": averaged, "arrays_copied": copied, "entries_copied": len(others)}
 
 
@@ -109,9 +111,13 @@ def _zarray(path: Path, key: str) -> dict:
     try:
         meta = json.loads((path / key / ZARRAY).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: array '{key}' has an unreadable .zarray ({exc}); is the checkpoint complete?") from None
+        raise CheckpointError(
+            f"{path}: array '{key}' has an unreadable .zarray ({exc}); is the checkpoint complete?"
+        ) from None
     if meta.get("zarr_format") != 2 or not all(field in meta for field in _GRID_FIELDS):
-        raise CheckpointError(f"{path}: array '{key}' is not a zarr v2 array (.zarray needs zarr_format 2, shape, chunks, dtype)")
+        raise CheckpointError(
+            f"{path}: array '{key}' is not a zarr v2 array (.zarray needs zarr_format 2, shape, chunks, dtype)"
+        )
     return meta
 
 

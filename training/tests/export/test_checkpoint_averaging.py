@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from caiman_asr_train.core.errors import CheckpointError, HardwareCheckpointError, UserError
+from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.export import averaging_engine as engine
@@ -50,7 +50,10 @@ def assets(tmp_path_factory) -> dict:
     demo["input_val"]["filterbank_features"]["stats_path"] = str(stats)
     demo["input_train"]["filterbank_features"]["stats_path"] = str(stats)
     demo["rnnt"].update(enc_n_hid=8, pred_n_hid=8, joint_n_hid=8)
-    demo["ngram"] = {"ngram_path": str(root / "no-ngram-here"), "scale_factor": 0.05}  # --override_ngram_path gives it
+    demo["ngram"] = {
+        "ngram_path": str(root / "no-ngram-here"),
+        "scale_factor": 0.05,
+    }  # --override_ngram_path gives it
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(demo))
     return {"config": cfg_path, "n_classes": 31}
@@ -63,7 +66,10 @@ def make_model(assets: dict, seed: int) -> RNNT:
 
 def save(directory: Path, assets: dict, step: int, seed: int, **extra) -> Path:
     """A real training checkpoint of step ``step`` (Checkpointer format); raw and EMA weights differ."""
-    kw = {key: extra.pop(key, default) for key, default in (("is_best", False), ("is_last", False), ("filepath", None))}
+    kw = {
+        key: extra.pop(key, default)
+        for key, default in (("is_best", False), ("is_last", False), ("filepath", None))
+    }
     return Checkpointer(directory).save(
         make_model(assets, seed),
         make_model(assets, seed + 1000),
@@ -88,7 +94,8 @@ def weighted(paths: list[Path], weights: list[float], entry: str) -> dict:
     """Reference average in float64, independent of the module under test."""
     ckpts = [torch.load(p, weights_only=True) for p in paths]
     return {
-        key: sum(w * c[entry][key].double() for c, w in zip(ckpts, weights)).float() for key in ckpts[0][entry]
+        key: sum(w * c[entry][key].double() for c, w in zip(ckpts, weights)).float()
+        for key in ckpts[0][entry]
     }
 
 
@@ -122,7 +129,11 @@ def test_a_wer_of_zero_gets_a_finite_weight():
 
 @pytest.mark.parametrize(
     "weights, message",
-    [([1.0], "got 1 weight(s) for 2"), ([1.0, -1.0], "-1.0 is not a finite number >= 0"), ([0.0, 0.0], "sum to 0")],
+    [
+        ([1.0], "got 1 weight(s) for 2"),
+        ([1.0, -1.0], "-1.0 is not a finite number >= 0"),
+        ([0.0, 0.0], "sum to 0"),
+    ],
 )
 def test_bad_weights_are_rejected(weights, message):
     with pytest.raises(UserError) as excinfo:
@@ -153,7 +164,9 @@ def test_custom_weights(tmp_path, assets):
 
 
 def test_inverse_wer_weights_when_every_input_has_a_dev_wer(tmp_path, assets):
-    paths = [save(tmp_path, assets, 100 * i, seed=i, dev_wer=wer) for i, wer in ((1, 0.1), (2, 0.3), (3, 0.0))]
+    paths = [
+        save(tmp_path, assets, 100 * i, seed=i, dev_wer=wer) for i, wer in ((1, 0.1), (2, 0.3), (3, 0.0))
+    ]
     avg = engine.average_checkpoints(paths, progress=False, log=quiet)
     inverse = [1 / 0.11, 1 / 0.31, 1 / 0.01]
     expected = [w / sum(inverse) for w in inverse]
@@ -224,7 +237,9 @@ def write_raw(path: Path, state_dict: dict, ema: object = "same", step: int = 10
 
 def test_integer_buffers_come_from_the_most_weighted_input(tmp_path):
     def sd(value: float, count: int) -> dict:
-        return OrderedDict(w=torch.full((3,), value), count=torch.tensor(count), flag=torch.tensor([True, False]))
+        return OrderedDict(
+            w=torch.full((3,), value), count=torch.tensor(count), flag=torch.tensor([True, False])
+        )
 
     a = write_raw(tmp_path / "a.pt", sd(1.0, 10), step=100)
     b = write_raw(tmp_path / "b.pt", sd(3.0, 20), step=200)
@@ -301,7 +316,9 @@ def test_a_shape_mismatch_is_rejected_naming_the_file_and_key(tmp_path, assets):
     ema = OrderedDict(ckpt["ema_state_dict"])
     ema["joint_net.2.weight"] = torch.zeros(5, 8)
     bad = write_raw(tmp_path / "bad.pt", ckpt["state_dict"], ema=ema)
-    with pytest.raises(CheckpointError, match=r"bad\.pt: ema_state_dict\['joint_net\.2\.weight'\] has shape \[5, 8\]"):
+    with pytest.raises(
+        CheckpointError, match=r"bad\.pt: ema_state_dict\['joint_net\.2\.weight'\] has shape \[5, 8\]"
+    ):
         engine.average_checkpoints([good, bad], progress=False, log=quiet)
 
 
@@ -349,7 +366,9 @@ def run_dir(tmp_path, assets) -> Path:
     save(run, assets, 500, seed=500)  # no dev_wer: unrated, whatever its best_wer says
     save(run, assets, 200, seed=200, dev_wer=0.10, is_best=True)
     save(run, assets, 500, seed=500, is_last=True)
-    save_hardware_ckpt(make_hw(run / "RNN-T_step400_checkpoint.pt", assets), run / "RNN-T_step400_checkpoint.hw.pt")
+    save_hardware_ckpt(
+        make_hw(run / "RNN-T_step400_checkpoint.pt", assets), run / "RNN-T_step400_checkpoint.hw.pt"
+    )
     averaged = engine.average_checkpoints([run / "RNN-T_step100_checkpoint.pt"], progress=False, log=quiet)
     atomic_torch_save(averaged, run / "avg.pt")
     return run
@@ -361,7 +380,10 @@ def test_top_n_picks_the_lowest_dev_wers_and_says_why(run_dir):
     assert [c.step for c in chosen] == [200, 400]
     assert [c.wer for c in chosen] == [0.10, 0.20]
     text = "\n".join(lines)
-    assert "RNN-T_step200_checkpoint.pt (step 200, WER 10.000%: dev_wer stored in the checkpoint): rank 1" in text
+    assert (
+        "RNN-T_step200_checkpoint.pt (step 200, WER 10.000%: dev_wer stored in the checkpoint): rank 1"
+        in text
+    )
     assert "RNN-T_last_checkpoint.pt: a 'last' file" in text
     assert "RNN-T_best_checkpoint.pt: same step (200) as RNN-T_step200_checkpoint.pt" in text
     assert "RNN-T_step400_checkpoint.hw.pt: a hardware checkpoint" in text
@@ -385,13 +407,21 @@ def test_a_best_file_of_its_own_step_is_ranked_by_its_best_wer(tmp_path, assets)
 def test_steps_and_last_n_pick_step_files(run_dir):
     assert [c.step for c in engine.select_checkpoints(run_dir, steps=[400, 100], log=quiet)] == [100, 400]
     assert [c.step for c in engine.select_checkpoints(run_dir, last_n=3, log=quiet)] == [300, 400, 500]
-    with pytest.raises(UserError, match=r"no step checkpoint for step 250 .*steps found: 100, 200, 300, 400, 500"):
+    with pytest.raises(
+        UserError, match=r"no step checkpoint for step 250 .*steps found: 100, 200, 300, 400, 500"
+    ):
         engine.select_checkpoints(run_dir, steps=[250], log=quiet)
 
 
 def test_nemo_style_names_give_the_wer_when_the_checkpoint_has_none(tmp_path, assets):
     for step, wer in ((1000, "0.0652"), (2000, "0.0500"), (3000, "0.0710")):
-        save(tmp_path, assets, step, seed=step, filepath=tmp_path / f"step={step}-val_wer={wer}-val_loss=1.50.ckpt")
+        save(
+            tmp_path,
+            assets,
+            step,
+            seed=step,
+            filepath=tmp_path / f"step={step}-val_wer={wer}-val_loss=1.50.ckpt",
+        )
     save(tmp_path, assets, 3000, seed=3, filepath=tmp_path / "step=3000-val_wer=0.0710-last.ckpt")
     chosen = engine.select_checkpoints(tmp_path, top_n=2, log=quiet)
     assert [(c.step, c.wer, c.wer_source) for c in chosen] == [
@@ -407,8 +437,18 @@ def test_output_hw_from_model_config_loads_with_load_hw_checkpoint(tmp_path, ass
     paths = [save(tmp_path, assets, 100 * i, seed=i, dev_wer=0.1 * i) for i in (1, 2, 3)]
     out = tmp_path / "avg.hw.pt"
     run_cli_ok(
-        ["--checkpoint_dir", str(tmp_path), "--top_n", "3", "--output_hw", str(out), "--model_config",
-         str(assets["config"]), "--skip_ngram", "--skip_state_dict_check"]
+        [
+            "--checkpoint_dir",
+            str(tmp_path),
+            "--top_n",
+            "3",
+            "--output_hw",
+            str(out),
+            "--model_config",
+            str(assets["config"]),
+            "--skip_ngram",
+            "--skip_state_dict_check",
+        ]
     )
     loaded = load_hw_checkpoint(out)
     weights = selection.resolve_weights([0.1, 0.2, 0.3])[0]
@@ -420,8 +460,17 @@ def test_output_hw_passes_the_ngram_override_through(tmp_path, assets, kenlm_fil
     paths = [save(tmp_path, assets, 100 * i, seed=i) for i in (1, 2)]
     out = tmp_path / "avg.hw.pt"
     run_cli_ok(
-        ["--ckpts", *map(str, paths), "--output_hw", str(out), "--model_config", str(assets["config"]),
-         "--override_ngram_path", str(kenlm_files.binary), "--skip_state_dict_check"]
+        [
+            "--ckpts",
+            *map(str, paths),
+            "--output_hw",
+            str(out),
+            "--model_config",
+            str(assets["config"]),
+            "--override_ngram_path",
+            str(kenlm_files.binary),
+            "--skip_state_dict_check",
+        ]
     )
     loaded = load_hw_checkpoint(out)
     assert loaded.ngram == {"binary": kenlm_files.binary.read_bytes(), "scale_factor": 0.05}
@@ -449,8 +498,18 @@ def test_input_hw_of_another_model_is_refused_naming_the_key(tmp_path, assets, c
     hw["state_dict"]["joint_enc.bias"] = torch.zeros(3)
     torch.save(hw, tmp_path / "other.hw.pt")
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: ca.main(["--ckpts", *map(str, paths), "--input_hw", str(tmp_path / "other.hw.pt"),
-                                 "--output_hw", str(tmp_path / "avg.hw.pt")]))
+        run_cli(
+            lambda: ca.main(
+                [
+                    "--ckpts",
+                    *map(str, paths),
+                    "--input_hw",
+                    str(tmp_path / "other.hw.pt"),
+                    "--output_hw",
+                    str(tmp_path / "avg.hw.pt"),
+                ]
+            )
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert re.search(r"other\.hw\.pt: the hardware checkpoint's 'joint_enc\.bias' has shape \[3\]", err)
@@ -478,7 +537,9 @@ def run_cli_ok(argv: list[str]) -> None:
 def test_cli_errors_are_one_line(tmp_path, assets, capsys, extra, message):
     paths = [save(tmp_path, assets, 100 * i, seed=i) for i in (1, 2)]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: ca.main(["--ckpts", *map(str, paths), "--output_path", str(tmp_path / "o.pt"), *extra]))
+        run_cli(
+            lambda: ca.main(["--ckpts", *map(str, paths), "--output_path", str(tmp_path / "o.pt"), *extra])
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
@@ -501,4 +562,7 @@ def test_runs_as_a_script(tmp_path, assets):
         text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: output {paths[0]} is one of the inputs; write the average to a new file"
+    assert (
+        result.stderr.strip()
+        == f"error: output {paths[0]} is one of the inputs; write the average to a new file"
+    )

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def write_ts_array(path: Path, values: np.ndarray, chunks: list[int], dtype: str
         "zarr_format": 2,
     }
     array = ts.open(
-        {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}, "metadata": metadata}, create=True
+        {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}, "metadata": metadata},
+        create=True,
     ).result()
     array.write(values).result()
 
@@ -74,8 +76,13 @@ def zarr_checkpoint(directory: Path, seed: int, *, optimizer: bool = True) -> di
     write_ts_array(directory / "decoder.bias", arrays["decoder.bias"], [3], "<f2")
     fp32 = rng.standard_normal((4, 3)).astype(np.float32)
     zarr.create_array(
-        store=str(directory / "embedding.weight"), shape=fp32.shape, chunks=(2, 3), dtype="<f4",
-        zarr_format=2, compressors=None, fill_value=None,
+        store=str(directory / "embedding.weight"),
+        shape=fp32.shape,
+        chunks=(2, 3),
+        dtype="<f4",
+        zarr_format=2,
+        compressors=None,
+        fill_value=None,
     )[...] = fp32
     arrays["embedding.weight"] = fp32
     write_ts_array(directory / "decoder.counter", np.array([seed, seed], dtype=np.int64), [2], "<i8")
@@ -89,7 +96,9 @@ def zarr_checkpoint(directory: Path, seed: int, *, optimizer: bool = True) -> di
 
 
 def read_ts(path: Path) -> np.ndarray:
-    return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+    return (
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+    )
 
 
 def reference(values: list[dict], weights: list[float], key: str, dtype) -> np.ndarray:
@@ -113,13 +122,21 @@ def test_zarr_average_equals_the_float64_reference_and_keeps_dtypes(tmp_path, we
     out = tmp_path / "out"
     record = average_sharded([tmp_path / "ck-step=1", tmp_path / "ck-step=2"], out, weights, log=quiet)
     assert record["weights"] == expected_weights
-    dtypes = {"decoder.weight": torch.bfloat16, "decoder.bias": torch.float16, "embedding.weight": torch.float32}
+    dtypes = {
+        "decoder.weight": torch.bfloat16,
+        "decoder.bias": torch.float16,
+        "embedding.weight": torch.float32,
+    }
     for key, dtype in dtypes.items():
         assert_array(out / key, reference(values, expected_weights, key, dtype))
     keeper = tmp_path / ("ck-step=1" if weights else "ck-step=2")  # ties go to the newer step
     assert list(read_ts(out / "decoder.counter")) == list(read_ts(keeper / "decoder.counter"))
-    assert torch.load(out / "common.pt", weights_only=True) == torch.load(keeper / "common.pt", weights_only=True)
-    assert (out / "decoder.extra_state/shard_0_1.pt").read_bytes() == (keeper / "decoder.extra_state/shard_0_1.pt").read_bytes()
+    assert torch.load(out / "common.pt", weights_only=True) == torch.load(
+        keeper / "common.pt", weights_only=True
+    )
+    assert (out / "decoder.extra_state/shard_0_1.pt").read_bytes() == (
+        keeper / "decoder.extra_state/shard_0_1.pt"
+    ).read_bytes()
     assert not (out / "optimizer.state.exp_avg").exists()
     assert json.loads((out / "metadata.json").read_text()) == MEGATRON_METADATA
     assert json.loads((out / "averaging.json").read_text())["steps"] == [1, 2]
@@ -132,7 +149,10 @@ def test_inverse_wer_weights_come_from_nemo_names(tmp_path):
     inverse = [1 / 0.11, 1 / 0.31]
     expected = [w / sum(inverse) for w in inverse]
     assert record["weighting"] == "inverse_wer" and record["weights"] == pytest.approx(expected)
-    assert_array(tmp_path / "out/embedding.weight", reference(values, record["weights"], "embedding.weight", torch.float32))
+    assert_array(
+        tmp_path / "out/embedding.weight",
+        reference(values, record["weights"], "embedding.weight", torch.float32),
+    )
 
 
 def test_bfloat16_rounds_once_to_nearest_even():
@@ -148,25 +168,45 @@ def test_keep_optimizer_copies_it_with_a_warning(tmp_path):
     for s in (1, 2):
         zarr_checkpoint(tmp_path / f"c-step={s}", seed=s)
     lines = []
-    average_sharded([tmp_path / "c-step=1", tmp_path / "c-step=2"], tmp_path / "out", [1, 2], keep_optimizer=True,
-                    log=lines.append)
+    average_sharded(
+        [tmp_path / "c-step=1", tmp_path / "c-step=2"],
+        tmp_path / "out",
+        [1, 2],
+        keep_optimizer=True,
+        log=lines.append,
+    )
     assert list(read_ts(tmp_path / "out/optimizer.state.exp_avg")) == [2.0, 2.0, 2.0]
     assert any(line.startswith("warning: --keep_optimizer") for line in lines)
 
 
-def mutate_shape(d: Path) -> None:
+def add_extra_array(d: Path) -> None:
     write_ts_array(d / "decoder.bias2", np.zeros(3, np.float16), [3], "<f2")
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: __import__("shutil").rmtree(d / "decoder.bias"), r"b: no array 'decoder\.bias' \(which .*a has\)"),
-        (lambda d: mutate_shape(d), r"a: no array 'decoder\.bias2'"),
-        (lambda d: _rewrite(d, "decoder.bias", np.zeros(8, np.float16), [3], "<f2"), r"b: array 'decoder\.bias' has shape \[8\]"),
-        (lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float32), [3], "<f4"), r"b: array 'decoder\.bias' has dtype <f4"),
-        (lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float16), [4], "<f2"), r"b: array 'decoder\.bias' has chunks \[4\]"),
-        (lambda d: (d / "decoder.weight/1.1").unlink(), r"b: array 'decoder\.weight' has no chunk file '1\.1'"),
+        (
+            lambda d: shutil.rmtree(d / "decoder.bias"),
+            r"b: no array 'decoder\.bias' \(which .*a has\)",
+        ),
+        (add_extra_array, r"a: no array 'decoder\.bias2'"),
+        (
+            lambda d: _rewrite(d, "decoder.bias", np.zeros(8, np.float16), [3], "<f2"),
+            r"b: array 'decoder\.bias' has shape \[8\]",
+        ),
+        (
+            lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float32), [3], "<f4"),
+            r"b: array 'decoder\.bias' has dtype <f4",
+        ),
+        (
+            lambda d: _rewrite(d, "decoder.bias", np.zeros(7, np.float16), [4], "<f2"),
+            r"b: array 'decoder\.bias' has chunks \[4\]",
+        ),
+        (
+            lambda d: (d / "decoder.weight/1.1").unlink(),
+            r"b: array 'decoder\.weight' has no chunk file '1\.1'",
+        ),
     ],
 )
 def test_mismatched_zarr_inputs_are_refused_naming_directory_and_key(tmp_path, change, message):
@@ -179,7 +219,7 @@ def test_mismatched_zarr_inputs_are_refused_naming_directory_and_key(tmp_path, c
 
 
 def _rewrite(directory: Path, key: str, values: np.ndarray, chunks: list[int], dtype: str) -> None:
-    __import__("shutil").rmtree(directory / key)
+    shutil.rmtree(directory / key)
     write_ts_array(directory / key, values, chunks, dtype)
 
 
@@ -189,7 +229,9 @@ def test_non_finite_weights_are_refused_naming_directory_and_key(tmp_path):
     _rewrite(tmp_path / "b", "decoder.bias", np.full(7, np.nan, np.float16), [3], "<f2")
     with pytest.raises(CheckpointError, match=r"b: 'decoder\.bias' holds NaN or Inf"):
         average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
-    average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", [1, 0], log=quiet)  # weight 0: skipped
+    average_sharded(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", [1, 0], log=quiet
+    )  # weight 0: skipped
 
 
 def test_output_equal_to_an_input_or_existing_is_refused(tmp_path):
@@ -243,8 +285,20 @@ def test_selection_excludes_last_ema_other_prefixes_and_earlier_averages(nemo_di
 
 
 def test_output_dir_and_name_flags(nemo_dir, tmp_path):
-    run_cli_ok(["--name_prefix", "gpt", "--checkpoint_dir", str(nemo_dir), "--steps", "1000",
-                "--output_dir", str(tmp_path / "avg"), "--output_name", "mine"])
+    run_cli_ok(
+        [
+            "--name_prefix",
+            "gpt",
+            "--checkpoint_dir",
+            str(nemo_dir),
+            "--steps",
+            "1000",
+            "--output_dir",
+            str(tmp_path / "avg"),
+            "--output_name",
+            "mine",
+        ]
+    )
     assert (tmp_path / "avg/mine/metadata.json").is_file()
 
 
@@ -255,11 +309,22 @@ def test_sigkill_midway_leaves_no_output_and_a_rerun_completes(tmp_path):
         d.mkdir(parents=True)
         (d / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
         write_ts_array(d / "w", np.ones((400, 64), np.float32), [1, 64], "<f4")  # 400 chunks: a slow run
-    argv = [sys.executable, "-m", "caiman_asr_train.export.checkpoint_averaging", "--checkpoint_dir", str(root),
-            "--name_prefix", "big"]
+    argv = [
+        sys.executable,
+        "-m",
+        "caiman_asr_train.export.checkpoint_averaging",
+        "--checkpoint_dir",
+        str(root),
+        "--name_prefix",
+        "big",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not list(root.glob(".big-averaged.tmp-*/w/*")) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not list(root.glob(".big-averaged.tmp-*/w/*"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -287,7 +352,10 @@ def dcp_checkpoint(directory: Path, seed: int) -> dict:
 def test_dcp_average_loads_back_with_torch_distributed_checkpoint(tmp_path):
     states = [dcp_checkpoint(tmp_path / f"d-step={s}", seed=s) for s in (1, 2)]
     average_sharded([tmp_path / "d-step=1", tmp_path / "d-step=2"], tmp_path / "out", [1, 3], log=quiet)
-    loaded = {"model": {"w": torch.empty(6, 4, dtype=torch.bfloat16), "b": torch.empty(5)}, "step": torch.tensor(0)}
+    loaded = {
+        "model": {"w": torch.empty(6, 4, dtype=torch.bfloat16), "b": torch.empty(5)},
+        "step": torch.tensor(0),
+    }
     dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
     for key in ("w", "b"):
         total = 0.25 * states[0]["model"][key].double() + 0.75 * states[1]["model"][key].double()
@@ -296,19 +364,28 @@ def test_dcp_average_loads_back_with_torch_distributed_checkpoint(tmp_path):
     metadata = read_metadata(tmp_path / "out")
     assert "extra.note" in metadata.state_dict_metadata
     assert "optimizer.exp_avg" not in metadata.state_dict_metadata
+    assert metadata.planner_data["model.w"] == ("model", "w")  # the nested layout that was saved
 
 
 @pytest.mark.parametrize(
     "other, message",
     [
-        ({"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16)}}, r"b: no entry 'model\.b' \(which .*a has\)"),
-        ({"model": {"w": torch.zeros(6, 5, dtype=torch.bfloat16), "b": torch.zeros(5)}}, r"b: 'model\.w' has shape \[6, 5\]"),
+        (
+            {"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16)}},
+            r"b: no entry 'model\.b' \(which .*a has\)",
+        ),
+        (
+            {"model": {"w": torch.zeros(6, 5, dtype=torch.bfloat16), "b": torch.zeros(5)}},
+            r"b: 'model\.w' has shape \[6, 5\]",
+        ),
         ({"model": {"w": torch.zeros(6, 4), "b": torch.zeros(5)}}, r"b: 'model\.w' is torch\.float32"),
     ],
 )
 def test_mismatched_dcp_inputs_are_refused_naming_directory_and_key(tmp_path, other, message):
-    dcp.save({"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16), "b": torch.zeros(5)}},
-             storage_writer=dcp.FileSystemWriter(tmp_path / "a"))
+    dcp.save(
+        {"model": {"w": torch.zeros(6, 4, dtype=torch.bfloat16), "b": torch.zeros(5)}},
+        storage_writer=dcp.FileSystemWriter(tmp_path / "a"),
+    )
     dcp.save(other, storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
     with pytest.raises(CheckpointError, match=message):
         average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
@@ -352,7 +429,10 @@ def _write_sharded(rank: int, init_file: str, root: str) -> None:
     mesh = init_device_mesh("cpu", (2,))
     for seed in (1, 2):
         full = torch.arange(32, dtype=torch.float32).reshape(8, 4) * seed
-        state = {"model.w": distribute_tensor(full, mesh, [Shard(0)]), "model.b": torch.full((3,), float(seed))}
+        state = {
+            "model.w": distribute_tensor(full, mesh, [Shard(0)]),
+            "model.b": torch.full((3,), float(seed)),
+        }
         dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{root}/s-step={seed}"))
     dist.destroy_process_group()
 
