@@ -137,3 +137,16 @@ def test_a_quantized_export_that_fails_the_wer_gate_writes_nothing(hw_path, spee
             max_wer_increase=-1000.0,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quantized_pytorch_export_writes_a_q_pt_that_decodes(hw_path, speech, tmp_path):
+    summary = export_inference(
+        hw_path,
+        "pytorch",
+        tmp_path / "q",
+        verify_manifests=[speech.manifest],
+        quantize_type="int8_per_channel",
+        max_wer_increase=1000.0,
+    )
+    assert summary["files"] == ["model.q.pt"]
+    assert summary["wer"]["utterances"] == len(speech.texts) and summary["wer"]["export"] >= 0
