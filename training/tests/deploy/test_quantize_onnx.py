@@ -100,12 +100,15 @@ def test_every_type_stores_quantized_weights_and_stays_close_to_the_float_graphs
     assert max(deviation.values()) < limit, deviation
 
 
-def test_int8_per_channel_runs_matmuls_on_onnx_runtime_integer_kernels(float_graphs, tmp_path):
+def test_int8_per_channel_runs_matmuls_and_lstms_on_onnx_runtime_integer_kernels(float_graphs, tmp_path):
     for name in MODEL_GRAPHS["onnxruntime"]:
         (tmp_path / name).write_bytes((float_graphs / name).read_bytes())
     quantize_onnx_bundle(tmp_path, "onnxruntime", "int8_per_channel")
-    ops = {node.op_type for node in onnx.load(tmp_path / "joint.onnx").graph.node}
-    assert "MatMulInteger" in ops and "MatMul" not in ops
+    joint = {node.op_type for node in onnx.load(tmp_path / "joint.onnx").graph.node}
+    assert "MatMulInteger" in joint and "MatMul" not in joint
+    for name in ("encoder.onnx", "predictor.onnx"):
+        ops = {node.op_type for node in onnx.load(tmp_path / name).graph.node}
+        assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops, name
 
 
 @pytest.mark.parametrize("quantize_type", QUANTIZE_TYPES)
