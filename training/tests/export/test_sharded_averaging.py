@@ -438,7 +438,10 @@ def _write_sharded(rank: int, init_file: str, root: str) -> None:
 
 
 def test_dcp_written_by_two_gloo_processes_with_sharded_tensors(tmp_path):
-    mp.spawn(_write_sharded, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # Forked, not spawned: the ranks start without importing torch again.
+    mp.start_processes(
+        _write_sharded, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     chunks = read_metadata(tmp_path / "s-step=1").state_dict_metadata["model.w"].chunks
     assert len(chunks) == 2  # one shard per process
     average_sharded([tmp_path / "s-step=1", tmp_path / "s-step=2"], tmp_path / "out", log=quiet)
