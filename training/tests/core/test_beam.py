@@ -168,16 +168,21 @@ def test_bad_keyword_files_give_one_line_errors(tmp_path, content, message):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
-def test_forced_finals_drop_hypotheses_after_the_emission_threshold():
-    # Two readings stay close for ever: with forced finals only one survives,
-    # so the final beam holds one hypothesis; the output is the better one either way.
-    table = {None: {X: 0.3, Y: 0.28, BLANK3: 0.42}, X: {BLANK3: 0.9}, Y: {BLANK3: 0.9}}
+def test_forced_finals_keep_the_best_reading_once_the_emission_threshold_passes():
+    # "▁x" leads at first, "▁y" overtakes after about four frames (its blank is surer). Forcing a
+    # final after 0.1 s (two 60 ms frames) keeps the leader of that moment; without it "▁y" wins.
+    table = {None: {X: 0.42, Y: 0.38, BLANK3: 0.20}, X: {BLANK3: 0.97}, Y: {BLANK3: 0.995}}
     model = table_model(3, table)
-    x, lens = silence(40)
+    x, lens = silence(20)
     pieces = ["\u2581x", "\u2581y", "\u2581z"]
-    forced = BeamSearch(model, pieces, BeamOptions(final_emission_thresh=0.12), frame_seconds=0.06)
-    free = BeamSearch(model, pieces, BeamOptions(final_emission_thresh=-1), frame_seconds=0.06)
-    assert forced(x, lens) == free(x, lens)
+
+    def decode(threshold: float) -> list[list[int]]:
+        options = BeamOptions(temperature=1.0, prune_score_thresh=-1, final_emission_thresh=threshold)
+        return BeamSearch(model, pieces, options, frame_seconds=0.06)(x, lens)
+
+    assert decode(-1) == [[Y]]
+    assert decode(0.1) == [[X]]
+    assert decode(2.0) == [[Y]]
 
 
 def test_user_tokens_are_pieces_in_angle_brackets():
