@@ -149,10 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify_manifests",
         nargs="+",
         default=None,
-        help="manifests (relative to --dataset_dir) to decode with the exported model and with the "
-        "source, refusing a target whose WER is worse by more than --max_wer_increase",
+        help="manifest files to decode with each exported model and with its source; a quantized target "
+        "whose WER is worse by more than --max_wer_increase is refused",
     )
-    p.add_argument("--dataset_dir", default=None, help="directory the --verify_manifests paths are relative to")
+    p.add_argument(
+        "--dataset_dir",
+        default=None,
+        help="directory the --verify_manifests audio paths are relative to (default: the first manifest's directory)",
+    )
     p.add_argument(
         "--max_wer_increase",
         type=float,
