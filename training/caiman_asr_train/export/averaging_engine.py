@@ -47,12 +47,13 @@ from caiman_asr_train.core.load_hw import is_hardware_checkpoint, read_checkpoin
 from caiman_asr_train.export.averaging_selection import (
     WER_EPS,
     CheckpointInfo,
+    check_distinct,
     choose,
     inspect_checkpoint,
+    log_weights,
     most_weighted,
     resolve_weights,
     stem,
-    weighting_description,
 )
 from caiman_asr_train.export.checkpointer import TRAINING_CHECKPOINT_KEYS
 
@@ -132,12 +133,8 @@ def average_checkpoints(
     logmel_norm_weight = _common_logmel_norm_weight(inputs)
     _warn_if_tokenizers_differ(inputs, log)
 
-    log(
-        f"averaging {len(inputs)} checkpoint(s), weights "
-        f"{weighting_description(weighting, wer_eps, equal_weights)}; {' and '.join(entries)}:"
-    )
-    for i, (info, weight) in enumerate(zip(infos, resolved), start=1):
-        log(f"  [{i}/{len(inputs)}] weight {weight:.4f}  {info.path} {info.summary()}")
+    what = "checkpoint(s), weights {how}; " + " and ".join(entries)
+    log_weights(infos, resolved, weighting, wer_eps=wer_eps, equal_asked=equal_weights, what=what, log=log)
     if "ema_state_dict" not in entries:
         log(
             "  note: not every input has ema_state_dict; the output's EMA weights are the averaged raw weights"
@@ -219,16 +216,9 @@ class _Input:
 
 
 def _open_inputs(paths: list[Path]) -> list[_Input]:
-    seen: dict[str, Path] = {}
+    check_distinct(paths)
     inputs = []
     for path in paths:
-        real = os.path.realpath(path)
-        if real in seen:
-            raise UserError(
-                f"{path} is given twice (as {seen[real]} too); list each checkpoint once "
-                "and use --weights to weight it more"
-            )
-        seen[real] = path
         item = _Input(path)
         reason = _not_training_reason(item.ckpt)
         if reason:

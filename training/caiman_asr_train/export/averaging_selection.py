@@ -36,7 +36,8 @@ __all__ = [
     "choose",
     "most_weighted",
     "stem",
-    "weighting_description",
+    "check_distinct",
+    "log_weights",
     "info_from_name",
     "inspect_checkpoint",
     "parse_steps",
@@ -267,13 +268,43 @@ def resolve_weights(
     return [w / total for w in inverse], "inverse_wer"
 
 
-def weighting_description(weighting: str, wer_eps: float, equal_asked: bool) -> str:
-    """How the weights were chosen, for the log line before averaging."""
-    return {
+def log_weights(
+    infos: Sequence[CheckpointInfo],
+    weights: Sequence[float],
+    weighting: str,
+    *,
+    wer_eps: float,
+    equal_asked: bool,
+    what: str,
+    log: Log,
+) -> None:
+    """Log how the weights were chosen (``what`` names the inputs and entries), then one line per input."""
+    how = {
         "custom": "--weights, normalised",
         "inverse_wer": f"inverse-WER, 1 / (WER + {wer_eps:g}), normalised",
         "equal": "equal" + ("" if equal_asked else ": not every input records its dev WER"),
     }[weighting]
+    log(f"averaging {len(infos)} {what.format(how=how)}:")
+    for i, (info, weight) in enumerate(zip(infos, weights), start=1):
+        log(f"  [{i}/{len(infos)}] weight {weight:.4f}  {info.path} {info.summary()}")
+
+
+def check_distinct(paths: Sequence[Path]) -> set[str]:
+    """The real paths of ``paths``; each checkpoint may be given once.
+
+    Raises:
+        UserError: a checkpoint given twice (under any name).
+    """
+    seen: dict[str, Path] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(
+                f"{path} is given twice (as {seen[real]} too); list each checkpoint once "
+                "and use --weights to weight it more"
+            )
+        seen[real] = path
+    return set(seen)
 
 
 def most_weighted(infos: Sequence[CheckpointInfo], weights: Sequence[float]) -> int:

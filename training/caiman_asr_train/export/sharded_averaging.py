@@ -47,11 +47,12 @@ from caiman_asr_train.export.averaging_engine import non_finite_error, one_threa
 from caiman_asr_train.export.averaging_selection import (
     WER_EPS,
     CheckpointInfo,
+    check_distinct,
     choose,
     info_from_name,
+    log_weights,
     most_weighted,
     resolve_weights,
-    weighting_description,
 )
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 
@@ -240,11 +241,8 @@ def average_sharded(
         [i.wer for i in infos], weights, equal=equal_weights, wer_eps=wer_eps
     )
     keeper = most_weighted(infos, resolved)
-    log(
-        f"averaging {len(inputs)} {fmt} checkpoint(s), weights {weighting_description(weighting, wer_eps, equal_weights)}:"
-    )
-    for i, (info, weight) in enumerate(zip(infos, resolved), start=1):
-        log(f"  [{i}/{len(inputs)}] weight {weight:.4f}  {info.path} {info.summary()}")
+    what = f"{fmt} checkpoint(s), weights {{how}}"
+    log_weights(infos, resolved, weighting, wer_eps=wer_eps, equal_asked=equal_weights, what=what, log=log)
     if keep_optimizer:
         log(
             f"warning: --keep_optimizer copies {inputs[keeper]}'s optimizer state, which does not match the "
@@ -283,17 +281,11 @@ def average_sharded(
 
 
 def _check_paths(inputs: list[Path], output: Path) -> None:
-    seen: dict[str, Path] = {}
+    real = check_distinct(inputs)
     for p in inputs:
-        real = os.path.realpath(p)
-        if real in seen:
-            raise UserError(
-                f"{p} is given twice (as {seen[real]} too); list each checkpoint once and use --weights to weight it more"
-            )
-        seen[real] = p
         if not p.is_dir():
             raise CheckpointError(f"{p}: not a directory; give sharded checkpoint directories")
-    if os.path.realpath(output) in seen:
+    if os.path.realpath(output) in real:
         raise UserError(f"output {output} is one of the inputs; write the average to a new directory")
     if output.exists():
         raise UserError(f"output {output} already exists; remove it or give another --output_name")
