@@ -190,3 +190,22 @@ def test_every_bad_argument_gives_one_line_and_exit_2_before_any_work(run_dir, t
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()
     assert sorted(run_dir.iterdir()) == before
+
+
+def test_an_object_store_run_directory_is_read_and_quantized_targets_get_their_own_directory(run_dir, tmp_path):
+    fs = fsspec.filesystem("memory")
+    remote = f"/runs-{os.getpid()}/demo"
+    for path in run_dir.iterdir():
+        fs.pipe_file(f"{remote}/{path.name}", path.read_bytes())
+    try:
+        assert convert("--input_directory", f"memory://{remote}", "--inference_server", "onnxruntime",
+                       "--quantize_type", "int8_per_channel", "--output_directory", str(tmp_path / "out")) == 0
+    finally:
+        fs.rm(remote, recursive=True)
+
+    target = tmp_path / "out/caiman-asr/1/onnxruntime-int8_per_channel"
+    manifest = check_target(fsspec.filesystem("file"), str(target),
+                            (run_dir / "RNN-T_best_checkpoint.hw.pt").read_bytes(), step=15)
+    assert manifest["source"]["url"] == f"memory://{remote}/RNN-T_best_checkpoint.hw.pt"
+    assert manifest["options"]["quantize_type"] == "int8_per_channel"
+    assert json.loads((target / "bundle.json").read_text())["quantize_type"] == "int8_per_channel"
