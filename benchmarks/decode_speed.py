@@ -40,17 +40,29 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Greedy vs beam vs beam+n-gram decoding: speed and WER.")
     parser.add_argument(
-        "--ckpt", type=Path, default=REPO / "results/RNN-T_best_checkpoint.hw.pt",
+        "--ckpt",
+        type=Path,
+        default=REPO / "results/RNN-T_best_checkpoint.hw.pt",
         help="hardware checkpoint to decode with (default: results/RNN-T_best_checkpoint.hw.pt)",
     )
     parser.add_argument(
-        "--val_manifests", nargs="+", default=[str(REPO / "datasets/demo/dev.json")],
+        "--val_manifests",
+        nargs="+",
+        default=[str(REPO / "datasets/demo/dev.json")],
         help="manifests to decode (default: datasets/demo/dev.json)",
     )
-    parser.add_argument("--dataset_dir", type=Path, default=None, help="default: the first manifest's directory")
-    parser.add_argument("--num_utterances", type=int, default=None, help="only the first N utterances (default: all)")
-    parser.add_argument("--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per decoder; the best counts (default: 2)")
+    parser.add_argument(
+        "--dataset_dir", type=Path, default=None, help="default: the first manifest's directory"
+    )
+    parser.add_argument(
+        "--num_utterances", type=int, default=None, help="only the first N utterances (default: all)"
+    )
+    parser.add_argument(
+        "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per decoder; the best counts (default: 2)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     add_decoder_args(parser)
     return parser.parse_args()
@@ -72,10 +84,18 @@ def main() -> None:
     def decoder(kind: str, skip_ngram: bool) -> Decoder:
         options = argparse.Namespace(**{**vars(args), "decoder": kind, "skip_ngram": skip_ngram})
         return build_decoder(
-            options, target.tokenizer, frame_seconds=frame_seconds, source=str(args.ckpt), embedded_ngram=embedded
+            options,
+            target.tokenizer,
+            frame_seconds=frame_seconds,
+            source=str(args.ckpt),
+            embedded_ngram=embedded,
         )
 
-    decoders = {"greedy": decoder("greedy", True), "beam": decoder("beam", True), "beam + n-gram": decoder("beam", False)}
+    decoders = {
+        "greedy": decoder("greedy", True),
+        "beam": decoder("beam", True),
+        "beam + n-gram": decoder("beam", False),
+    }
     if decoders["beam + n-gram"].ngram is None:
         del decoders["beam + n-gram"]
 
@@ -94,8 +114,15 @@ def main() -> None:
         for _ in range(args.repeats):
             start = time.perf_counter()
             result = evaluate(
-                target.model, batches, target.pipeline, target.tokenizer, sample_rate=target.sample_rate,
-                progress=False, generator=torch.Generator().manual_seed(1), decoder=dec, **target.scoring,
+                target.model,
+                batches,
+                target.pipeline,
+                target.tokenizer,
+                sample_rate=target.sample_rate,
+                progress=False,
+                generator=torch.Generator().manual_seed(1),
+                decoder=dec,
+                **target.scoring,
             )
             times.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -109,16 +136,24 @@ def main() -> None:
         rows[name] = (result.wer, min(times), min(search_times))
 
     greedy_time, greedy_search_time = rows["greedy"][1], rows["greedy"][2]
-    print(f"{len(entries)} utterances, {audio_seconds:.1f} s of audio, batch {args.val_batch_size}, "
-          f"beam width {args.beam_width}, {args.beam_decoder_procs} beam process(es), {args.threads} torch thread(s)")
-    print(f"{'decoder':<15} {'WER':>8} {'audio s / compute s':>20} {'time / greedy':>14} {'search / greedy search':>23}")
+    print(
+        f"{len(entries)} utterances, {audio_seconds:.1f} s of audio, batch {args.val_batch_size}, "
+        f"beam width {args.beam_width}, {args.beam_decoder_procs} beam process(es), {args.threads} torch thread(s)"
+    )
+    print(
+        f"{'decoder':<15} {'WER':>8} {'audio s / compute s':>20} {'time / greedy':>14} {'search / greedy search':>23}"
+    )
     for name, (wer, seconds, search) in rows.items():
-        print(f"{name:<15} {wer * 100:>7.3f}% {audio_seconds / seconds:>20.1f} {seconds / greedy_time:>14.2f} "
-              f"{search / greedy_search_time:>23.2f}")
+        print(
+            f"{name:<15} {wer * 100:>7.3f}% {audio_seconds / seconds:>20.1f} {seconds / greedy_time:>14.2f} "
+            f"{search / greedy_search_time:>23.2f}"
+        )
     if "beam + n-gram" in rows:
         relative = 1 - rows["beam + n-gram"][0] / rows["greedy"][0] if rows["greedy"][0] else 0.0
-        print(f"beam + n-gram vs greedy: {relative * 100:.1f}% relative WER reduction (target >= 10%), "
-              f"{rows['beam + n-gram'][1] / greedy_time:.2f}x the time (target <= 3x)")
+        print(
+            f"beam + n-gram vs greedy: {relative * 100:.1f}% relative WER reduction (target >= 10%), "
+            f"{rows['beam + n-gram'][1] / greedy_time:.2f}x the time (target <= 3x)"
+        )
 
 
 if __name__ == "__main__":

@@ -242,7 +242,9 @@ class BeamSearch:
         procs: int = 1,
     ):
         if len(pieces) != model.config.n_classes - 1:
-            raise ValueError(f"{len(pieces)} pieces for a model with {model.config.n_classes - 1} token classes")
+            raise ValueError(
+                f"{len(pieces)} pieces for a model with {model.config.n_classes - 1} token classes"
+            )
         if procs < 1:
             raise ValueError(f"procs must be >= 1, got {procs}")
         self.model = model
@@ -271,10 +273,12 @@ class BeamSearch:
         chunks = [c.tolist() for c in torch.arange(batch).tensor_split(procs)]
         global _WORKER_SEARCH
         _WORKER_SEARCH = self
-        # Forked workers inherit the model and n-gram as they are now (no pickling, no stale weights).
-        with multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker) as pool:
-            parts = pool.map(_worker_search, [(f[c], f_lens[c]) for c in chunks])
-        _WORKER_SEARCH = None
+        try:
+            # Forked workers inherit the model and n-gram as they are now (no pickling, no stale weights).
+            with multiprocessing.get_context("fork").Pool(procs, initializer=_init_worker) as pool:
+                parts = pool.map(_worker_search, [(f[c], f_lens[c]) for c in chunks])
+        finally:
+            _WORKER_SEARCH = None
         return [ids for part in parts for ids in part]
 
     def _search(self, f: Tensor, f_lens: Tensor) -> list[list[int]]:
@@ -321,7 +325,14 @@ class BeamSearch:
         return [store.tokens(u.result) for u in utts]
 
     def _expand(
-        self, u: _Utterance, hyp: _Hyp, row: list[float], k: int, blank: int, topk_thresh: float, store: _PrefixStore
+        self,
+        u: _Utterance,
+        hyp: _Hyp,
+        row: list[float],
+        k: int,
+        blank: int,
+        topk_thresh: float,
+        store: _PrefixStore,
     ) -> None:
         blank_lp, values, ids = row[0], row[1 : 1 + k], row[1 + k :]
         _merge(
@@ -348,7 +359,11 @@ class BeamSearch:
             if self.keywords is not None:
                 bonus, kw_state = self.keywords.step(kw_state, piece)
                 score += bonus
-            _merge(u.inputs, store.text[node], _Hyp(score, node, hyp.length + 1, hyp.symbols + 1, lm_state, kw_state))
+            _merge(
+                u.inputs,
+                store.text[node],
+                _Hyp(score, node, hyp.length + 1, hyp.symbols + 1, lm_state, kw_state),
+            )
 
     def _frame_over(self, u: _Utterance) -> bool:
         if not u.inputs:
@@ -388,7 +403,11 @@ class BeamSearch:
                 u.final_depth = max(depth, u.final_depth)
                 u.last_final = u.t
                 return
-            if thresh < 0 or self.frame_seconds is None or (u.t - u.last_final) * self.frame_seconds <= thresh:
+            if (
+                thresh < 0
+                or self.frame_seconds is None
+                or (u.t - u.last_final) * self.frame_seconds <= thresh
+            ):
                 return
             beam.remove(min(beam, key=lambda h: h.normalised))
 
@@ -421,4 +440,3 @@ def user_token_ids(pieces: Sequence[str]) -> list[int]:
 def frame_seconds(window_stride: float, frame_subsampling: int, enc_stack_time_factor: int) -> float:
     """Duration of one encoder frame in seconds (e.g. 0.01 * 3 * 2 = 0.06)."""
     return window_stride * frame_subsampling * enc_stack_time_factor
-

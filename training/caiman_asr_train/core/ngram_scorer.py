@@ -99,7 +99,9 @@ class NgramScorer:
         kenlm = _kenlm()
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"n-gram {path} not found; check --override_ngram_path or the config's ngram.ngram_path")
+            raise DataError(
+                f"n-gram {path} not found; check --override_ngram_path or the config's ngram.ngram_path"
+            )
         return cls(_load(kenlm, str(path), str(path), error=DataError), scale_factor)
 
     def begin_state(self) -> Any:
@@ -134,7 +136,11 @@ def _load(kenlm: Any, path: str, source: str, error: type = CheckpointError) -> 
         return kenlm.Model(path)
     except (OSError, RuntimeError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:200]
-        fix = "rebuild it with scripts/generate_ngram.sh" if error is DataError else (
-            "re-export the checkpoint with a valid n-gram, pass --override_ngram_path FILE, or decode with --skip_ngram"
+        fix = (
+            "rebuild it with scripts/generate_ngram.sh"
+            if error is DataError
+            else (
+                "re-export the checkpoint with a valid n-gram, pass --override_ngram_path FILE, or decode with --skip_ngram"
+            )
         )
         raise error(f"{source}: the n-gram cannot be loaded by KenLM ({detail}); {fix}") from None

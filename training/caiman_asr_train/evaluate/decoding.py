@@ -67,7 +67,11 @@ class Decoder:
         """x[T, B, in_feats] spliced features, x_lens[B] frames -> token ids per utterance."""
         if self.kind == "greedy":
             return greedy_decode(
-                model, x, x_lens, max_symbols_per_step=self.max_symbols_per_step, prefix_tokens=self.prefix_tokens
+                model,
+                x,
+                x_lens,
+                max_symbols_per_step=self.max_symbols_per_step,
+                prefix_tokens=self.prefix_tokens,
             )
         return self.search(model)(x, x_lens)
 
@@ -88,7 +92,9 @@ class Decoder:
     def with_ngram_scale(self, scale_factor: float) -> "Decoder":
         """The same decoder with the n-gram's scale factor replaced (0 keeps the n-gram loaded but weightless)."""
         if self.ngram is None:
-            raise UserError("this decoder has no n-gram to rescale; drop --skip_ngram or pass --override_ngram_path")
+            raise UserError(
+                "this decoder has no n-gram to rescale; drop --skip_ngram or pass --override_ngram_path"
+            )
         return replace(self, ngram=self.ngram.with_scale(scale_factor))
 
     @property
@@ -118,50 +124,71 @@ def add_decoder_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     """Add the decoding flags (CAIMAN-ASR's names) to ``parser``, in their own group."""
     group = parser.add_argument_group("decoding")
     group.add_argument(
-        "--decoder", choices=DECODERS, default="greedy",
+        "--decoder",
+        choices=DECODERS,
+        default="greedy",
         help="greedy (default, as upstream) or beam: adaptive beam search with the checkpoint's n-gram",
     )
     group.add_argument(
-        "--beam_width", type=int, default=DEFAULTS.beam_width,
+        "--beam_width",
+        type=int,
+        default=DEFAULTS.beam_width,
         help=f"hypotheses carried from frame to frame (default: {DEFAULTS.beam_width})",
     )
     group.add_argument(
-        "--temperature", type=float, default=DEFAULTS.temperature,
+        "--temperature",
+        type=float,
+        default=DEFAULTS.temperature,
         help=f"beam search divides the logits by this before the softmax (default: {DEFAULTS.temperature})",
     )
     group.add_argument(
-        "--beam_prune_topk_thresh", type=float, default=DEFAULTS.prune_topk_thresh,
+        "--beam_prune_topk_thresh",
+        type=float,
+        default=DEFAULTS.prune_topk_thresh,
         help="tokens whose log-probability is more than this below the frame's best are not expanded; "
         f"< 0 disables (default: {DEFAULTS.prune_topk_thresh})",
     )
     group.add_argument(
-        "--beam_prune_score_thresh", type=float, default=DEFAULTS.prune_score_thresh,
+        "--beam_prune_score_thresh",
+        type=float,
+        default=DEFAULTS.prune_score_thresh,
         help="hypotheses whose score per token is more than this below the best are dropped; "
         f"< 0 disables (default: {DEFAULTS.prune_score_thresh})",
     )
     group.add_argument(
-        "--beam_final_emission_thresh", type=float, default=DEFAULTS.final_emission_thresh,
+        "--beam_final_emission_thresh",
+        type=float,
+        default=DEFAULTS.final_emission_thresh,
         help="seconds without a final after which the worst hypotheses are dropped until one is made; "
         f"< 0 disables (default: {DEFAULTS.final_emission_thresh})",
     )
     group.add_argument(
-        "--keyword_boost_path", type=Path, default=None,
+        "--keyword_boost_path",
+        type=Path,
+        default=None,
         help='JSON {"keywords": {"word": bonus}}: beam search favours these words (default: none)',
     )
     group.add_argument(
-        "--skip_ngram", action="store_true",
+        "--skip_ngram",
+        action="store_true",
         help="beam search without the n-gram of the checkpoint or config",
     )
     group.add_argument(
-        "--override_ngram_path", type=Path, default=None,
+        "--override_ngram_path",
+        type=Path,
+        default=None,
         help="KenLM n-gram file (binary or ARPA) to use instead of the checkpoint's or config's",
     )
     group.add_argument(
-        "--ngram_scale_factor", type=float, default=None,
+        "--ngram_scale_factor",
+        type=float,
+        default=None,
         help="weight of the n-gram's natural-log score per piece (default: the checkpoint's or config's)",
     )
     group.add_argument(
-        "--beam_decoder_procs", type=int, default=1,
+        "--beam_decoder_procs",
+        type=int,
+        default=1,
         help="CPU processes beam search spreads each batch's utterances over (default: 1)",
     )
     return parser
@@ -179,7 +206,9 @@ def check_decoder_args(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     for flag in ("beam_prune_topk_thresh", "beam_prune_score_thresh"):
         if getattr(args, flag) == 0:
-            raise UserError(f"--{flag} 0 keeps only the best; use --decoder greedy, a value > 0, or < 0 to disable")
+            raise UserError(
+                f"--{flag} 0 keeps only the best; use --decoder greedy, a value > 0, or < 0 to disable"
+            )
     if args.beam_decoder_procs < 1:
         raise UserError(f"--beam_decoder_procs must be >= 1, got {args.beam_decoder_procs}")
     if args.ngram_scale_factor is not None and args.ngram_scale_factor < 0:
@@ -253,9 +282,11 @@ def _ngram(
         return None
     own_scale = (embedded or config_ngram or {}).get("scale_factor")
     scale = args.ngram_scale_factor if args.ngram_scale_factor is not None else own_scale
-    has_ngram = args.override_ngram_path is not None or (embedded or config_ngram or {}).get(
-        "binary" if embedded is not None else "ngram_path"
-    ) is not None
+    has_ngram = (
+        args.override_ngram_path is not None
+        or (embedded or config_ngram or {}).get("binary" if embedded is not None else "ngram_path")
+        is not None
+    )
     if has_ngram and scale is None:
         raise UserError(f"{source} has no n-gram scale factor; pass --ngram_scale_factor")
     if args.override_ngram_path is not None:
@@ -268,4 +299,3 @@ def _ngram(
     if config_ngram is not None:
         return NgramScorer.from_path(find_ngram(config_ngram["ngram_path"]), scale)
     return None
-

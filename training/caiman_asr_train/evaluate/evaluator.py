@@ -52,7 +52,9 @@ def featurize(
 
     Returns x[T, B, in_feats] spliced features and x_lens[B] frames, on ``device``.
     """
-    audio, audio_lens = pad_audio(batch.audio.to(device), batch.audio_lens.to(device), final_padding_secs, sample_rate)
+    audio, audio_lens = pad_audio(
+        batch.audio.to(device), batch.audio_lens.to(device), final_padding_secs, sample_rate
+    )
     return pipeline(audio, audio_lens, norm_weight=1.0, generator=generator)
 
 

@@ -46,8 +46,14 @@ class Encoded:
 
 @torch.no_grad()
 def encode_dev_set(
-    target: Validatable, entries: list[dict], dataset_dir: Path, *, batch_size: int,
-    final_padding_secs: float, seed: int, device: torch.device,
+    target: Validatable,
+    entries: list[dict],
+    dataset_dir: Path,
+    *,
+    batch_size: int,
+    final_padding_secs: float,
+    seed: int,
+    device: torch.device,
 ) -> list[Encoded]:
     """Featurise (as validation does) and encode every utterance once."""
     dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
@@ -57,7 +63,9 @@ def encode_dev_set(
     target.pipeline.eval().to(device)
     encoded = []
     for batch in loader:
-        x, x_lens = featurize(batch, target.pipeline, target.sample_rate, final_padding_secs, device, generator)
+        x, x_lens = featurize(
+            batch, target.pipeline, target.sample_rate, final_padding_secs, device, generator
+        )
         f, f_lens, _ = target.model.encode(x, x_lens)
         encoded.append(Encoded(f, f_lens, list(batch.transcripts)))
     return encoded
@@ -79,7 +87,11 @@ def sweep(
 def transcribe(target: Validatable, decoder: Decoder, encoded: list[Encoded]) -> list[str]:
     """Beam-search transcripts of every encoded utterance, in order."""
     search = decoder.search(target.model)
-    return [target.tokenizer.detokenize(ids) for batch in encoded for ids in search.decode_encoded(batch.f, batch.f_lens)]
+    return [
+        target.tokenizer.detokenize(ids)
+        for batch in encoded
+        for ids in search.decode_encoded(batch.f, batch.f_lens)
+    ]
 
 
 def write_scale_factor(source: Path, output: Path, scale_factor: float) -> None:
@@ -87,34 +99,51 @@ def write_scale_factor(source: Path, output: Path, scale_factor: float) -> None:
     hw = read_checkpoint(source)
     if hw["ngram"]["binary"] is None:
         raise CheckpointError(f"{source} carries no n-gram (exported with --skip_ngram); nothing to tune")
-    save_hardware_ckpt(dict(hw, ngram={"binary": hw["ngram"]["binary"], "scale_factor": float(scale_factor)}), output)
+    save_hardware_ckpt(
+        dict(hw, ngram={"binary": hw["ngram"]["binary"], "scale_factor": float(scale_factor)}), output
+    )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Beam-decode a dev set once per n-gram scale factor; print the WER table and the best value."
     )
-    parser.add_argument("--ckpt", type=Path, required=True, help="hardware checkpoint (*.hw.pt) or training checkpoint")
     parser.add_argument(
-        "--model_config", type=Path, default=None,
+        "--ckpt", type=Path, required=True, help="hardware checkpoint (*.hw.pt) or training checkpoint"
+    )
+    parser.add_argument(
+        "--model_config",
+        type=Path,
+        default=None,
         help=f"YAML config of a training checkpoint (default: {DEFAULT_MODEL_CONFIG}); not read for hardware checkpoints",
     )
     parser.add_argument("--val_manifests", nargs="+", required=True, help="dev manifest(s) to decode")
     parser.add_argument(
-        "--dataset_dir", type=Path, default=None,
+        "--dataset_dir",
+        type=Path,
+        default=None,
         help="directory the manifests' audio fnames are relative to (default: the first manifest's directory)",
     )
     parser.add_argument(
-        "--scale_factors", type=float, nargs="+", default=list(DEFAULT_SCALE_FACTORS),
+        "--scale_factors",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_SCALE_FACTORS),
         help=f"n-gram scale factors to try (default: {' '.join(map(str, DEFAULT_SCALE_FACTORS))})",
     )
     parser.add_argument(
-        "--output_hw", type=Path, default=None,
+        "--output_hw",
+        type=Path,
+        default=None,
         help="write a copy of the hardware checkpoint --ckpt with the best scale factor here",
     )
-    parser.add_argument("--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)")
     parser.add_argument(
-        "--val_final_padding_secs", type=float, default=0.24,
+        "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
+    )
+    parser.add_argument(
+        "--val_final_padding_secs",
+        type=float,
+        default=0.24,
         help="seconds of silence appended to each utterance (default: 0.24)",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the dither noise (default: 1)")
@@ -141,7 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise DataError(f"manifests {' '.join(args.val_manifests)} hold no utterances")
     target = load_for_validation(args.ckpt, model_config, device)
     if args.output_hw is not None and target.kind != "hardware":
-        raise CheckpointError(f"{args.ckpt} is a training checkpoint; --output_hw needs a hardware checkpoint as --ckpt")
+        raise CheckpointError(
+            f"{args.ckpt} is a training checkpoint; --output_hw needs a hardware checkpoint as --ckpt"
+        )
     ckpt = read_checkpoint(args.ckpt)
     embedded = ckpt["ngram"] if target.kind == "hardware" else None
     cfg_ngram = None
@@ -160,8 +191,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if decoder.ngram is None:
         raise UserError(f"{args.ckpt} has no n-gram to sweep; pass --override_ngram_path FILE")
     encoded = encode_dev_set(
-        target, entries, dataset_dir, batch_size=args.val_batch_size,
-        final_padding_secs=args.val_final_padding_secs, seed=args.seed, device=device,
+        target,
+        entries,
+        dataset_dir,
+        batch_size=args.val_batch_size,
+        final_padding_secs=args.val_final_padding_secs,
+        seed=args.seed,
+        device=device,
     )
     results = sweep(target, decoder, encoded, args.scale_factors)
     print(f"{'scale_factor':>12}  WER")

@@ -69,7 +69,9 @@ def table_model(n_tokens: int, table: dict[Optional[int], dict[int, float]]) -> 
 def _log_row(probs: dict[int, float], n_classes: int) -> torch.Tensor:
     rest = [s for s in range(n_classes) if s not in probs]
     left = 1.0 - sum(probs.values())
-    row = torch.tensor([probs.get(s, left / max(len(rest), 1)) for s in range(n_classes)], dtype=torch.float64)
+    row = torch.tensor(
+        [probs.get(s, left / max(len(rest), 1)) for s in range(n_classes)], dtype=torch.float64
+    )
     return row.clamp_min(1e-9).log().float()
 
 

@@ -40,8 +40,15 @@ def trained() -> tuple[RNNT, torch.Tensor, torch.Tensor, list[list[int]]]:
     target_lens = torch.tensor([4, 3, 4, 2, 3, 4, 4, 1])
     model = RNNT(
         ConfigRNNT(
-            n_classes=vocab + 1, in_feats=feats, enc_n_hid=24, enc_pre_rnn_layers=1, enc_post_rnn_layers=1,
-            enc_stack_time_factor=2, pred_n_hid=16, pred_rnn_layers=1, joint_n_hid=24,
+            n_classes=vocab + 1,
+            in_feats=feats,
+            enc_n_hid=24,
+            enc_pre_rnn_layers=1,
+            enc_post_rnn_layers=1,
+            enc_stack_time_factor=2,
+            pred_n_hid=16,
+            pred_rnn_layers=1,
+            joint_n_hid=24,
         )
     )
     optimizer = torch.optim.Adam(model.parameters(), 2e-2)

@@ -32,8 +32,16 @@ def make_ngram(directory: Path, lines: list[str], order: int = 2) -> Path:
     text.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     binary = directory / "ngram.binary"
     subprocess.run(
-        [str(REPO / "scripts" / "generate_ngram.sh"), str(order), str(text), str(directory / "ngram.arpa"), str(binary)],
-        check=True, capture_output=True, env=env,
+        [
+            str(REPO / "scripts" / "generate_ngram.sh"),
+            str(order),
+            str(text),
+            str(directory / "ngram.arpa"),
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
     )
     return binary
 

@@ -22,9 +22,17 @@ from caiman_asr_train.rnnt import config
 pytestmark = pytest.mark.filterwarnings("ignore:the EMA weights match no FPGA")
 
 FLAGS = (
-    "--decoder", "--beam_width", "--temperature", "--beam_prune_topk_thresh", "--beam_prune_score_thresh",
-    "--beam_final_emission_thresh", "--keyword_boost_path", "--skip_ngram", "--override_ngram_path",
-    "--ngram_scale_factor", "--beam_decoder_procs",
+    "--decoder",
+    "--beam_width",
+    "--temperature",
+    "--beam_prune_topk_thresh",
+    "--beam_prune_score_thresh",
+    "--beam_final_emission_thresh",
+    "--keyword_boost_path",
+    "--skip_ngram",
+    "--override_ngram_path",
+    "--ngram_scale_factor",
+    "--beam_decoder_procs",
 )
 
 
@@ -35,7 +43,9 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture
 def hw_path(export_env, tmp_path):
     path = tmp_path / "model.hw.pt"
-    save_hardware_ckpt(create_hardware_ckpt(export_env.ckpt_path, export_env.config_path, skip_state_dict_check=True), path)
+    save_hardware_ckpt(
+        create_hardware_ckpt(export_env.ckpt_path, export_env.config_path, skip_state_dict_check=True), path
+    )
     return path
 
 
@@ -49,29 +59,41 @@ def test_flags_defaults_and_help():
     args = parser.parse_args([])
     assert (args.decoder, args.beam_width, args.temperature) == ("greedy", 4, 1.4)
     assert (args.beam_prune_topk_thresh, args.beam_prune_score_thresh, args.beam_final_emission_thresh) == (
-        1.5, 0.4, 1.25,
+        1.5,
+        0.4,
+        1.25,
     )
     assert (args.skip_ngram, args.override_ngram_path, args.ngram_scale_factor, args.beam_decoder_procs) == (
-        False, None, None, 1,
+        False,
+        None,
+        None,
+        1,
     )
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
     for flag in FLAGS:
         assert helps[flag], f"{flag} has no help"
 
 
-def test_hardware_checkpoint_decodes_with_its_embedded_ngram_after_the_config_ngram_is_deleted(export_env, hw_path):
+def test_hardware_checkpoint_decodes_with_its_embedded_ngram_after_the_config_ngram_is_deleted(
+    export_env, hw_path
+):
     shutil.rmtree(export_env.ngram_dir)
     ckpt = load_hw_checkpoint(hw_path)
     decoder = build_decoder(
-        parse("--decoder", "beam"), Tokenizer(ckpt.sentpiece_model_binary), frame_seconds=0.06,
-        source=str(hw_path), embedded_ngram=ckpt.ngram,
+        parse("--decoder", "beam"),
+        Tokenizer(ckpt.sentpiece_model_binary),
+        frame_seconds=0.06,
+        source=str(hw_path),
+        embedded_ngram=ckpt.ngram,
     )
     assert decoder.ngram is not None and decoder.ngram.scale_factor == 0.05
     # The scores are those of the n-gram the checkpoint was exported with.
     reference = kenlm.Model(str(export_env.kenlm.binary))
     piece = decoder.pieces[5]
     expected = reference.BaseScore(_begin(reference), piece, kenlm.State())
-    assert decoder.ngram.score(decoder.ngram.begin_state(), piece)[0] == pytest.approx(0.05 * math.log(10) * expected)
+    assert decoder.ngram.score(decoder.ngram.begin_state(), piece)[0] == pytest.approx(
+        0.05 * math.log(10) * expected
+    )
     x, lens = features()
     hyps = decoder(ckpt.model, x, lens)
     assert len(hyps) == 3 and all(all(0 <= i < len(decoder.pieces) for i in h) for h in hyps)
@@ -93,10 +115,16 @@ def test_training_checkpoint_uses_its_configs_ngram_and_names_it_when_missing(ex
     assert decoder.ngram is not None and decoder.ngram.scale_factor == 0.05
     shutil.rmtree(export_env.ngram_dir)
     with pytest.raises(DataError, match=str(export_env.ngram_dir)):
-        build_decoder(parse("--decoder", "beam"), tokenizer, frame_seconds=0.06, source="ckpt.pt", config_ngram=ngram)
+        build_decoder(
+            parse("--decoder", "beam"), tokenizer, frame_seconds=0.06, source="ckpt.pt", config_ngram=ngram
+        )
     # --skip_ngram decodes without it.
     skipped = build_decoder(
-        parse("--decoder", "beam", "--skip_ngram"), tokenizer, frame_seconds=0.06, source="ckpt.pt", config_ngram=ngram
+        parse("--decoder", "beam", "--skip_ngram"),
+        tokenizer,
+        frame_seconds=0.06,
+        source="ckpt.pt",
+        config_ngram=ngram,
     )
     assert skipped.ngram is None and "no n-gram" in skipped.description
 
@@ -104,8 +132,18 @@ def test_training_checkpoint_uses_its_configs_ngram_and_names_it_when_missing(ex
 def test_override_path_and_scale_factor_replace_the_checkpoints(export_env, hw_path):
     ckpt = load_hw_checkpoint(hw_path)
     decoder = build_decoder(
-        parse("--decoder", "beam", "--override_ngram_path", str(export_env.kenlm.arpa), "--ngram_scale_factor", "0.3"),
-        Tokenizer(ckpt.sentpiece_model_binary), frame_seconds=0.06, source=str(hw_path), embedded_ngram=ckpt.ngram,
+        parse(
+            "--decoder",
+            "beam",
+            "--override_ngram_path",
+            str(export_env.kenlm.arpa),
+            "--ngram_scale_factor",
+            "0.3",
+        ),
+        Tokenizer(ckpt.sentpiece_model_binary),
+        frame_seconds=0.06,
+        source=str(hw_path),
+        embedded_ngram=ckpt.ngram,
     )
     assert decoder.ngram.scale_factor == 0.3
     assert decoder.ngram.model.path.endswith(b"ngram.arpa")
@@ -116,8 +154,11 @@ def test_corrupt_embedded_ngram_bytes_give_a_one_line_error(export_env, hw_path)
     broken = {"binary": ckpt.ngram["binary"][:100], "scale_factor": 0.05}
     with pytest.raises(CheckpointError, match="model.hw.pt") as error:
         build_decoder(
-            parse("--decoder", "beam"), Tokenizer(ckpt.sentpiece_model_binary), frame_seconds=0.06,
-            source=str(hw_path), embedded_ngram=broken,
+            parse("--decoder", "beam"),
+            Tokenizer(ckpt.sentpiece_model_binary),
+            frame_seconds=0.06,
+            source=str(hw_path),
+            embedded_ngram=broken,
         )
     assert "\n" not in str(error.value)
 
@@ -125,7 +166,10 @@ def test_corrupt_embedded_ngram_bytes_give_a_one_line_error(export_env, hw_path)
 def test_checkpoint_exported_without_ngram_decodes_without_one(export_env):
     tokenizer = Tokenizer(export_env.spm_path)
     decoder = build_decoder(
-        parse("--decoder", "beam"), tokenizer, frame_seconds=0.06, source="x.hw.pt",
+        parse("--decoder", "beam"),
+        tokenizer,
+        frame_seconds=0.06,
+        source="x.hw.pt",
         embedded_ngram={"binary": None, "scale_factor": None},
     )
     assert decoder.ngram is None
@@ -138,8 +182,11 @@ def test_two_decoding_processes_give_the_same_transcripts_as_one(export_env, hw_
     outputs = []
     for procs in ("1", "2"):
         decoder = build_decoder(
-            parse("--decoder", "beam", "--beam_decoder_procs", procs), tokenizer, frame_seconds=0.06,
-            source=str(hw_path), embedded_ngram=ckpt.ngram,
+            parse("--decoder", "beam", "--beam_decoder_procs", procs),
+            tokenizer,
+            frame_seconds=0.06,
+            source=str(hw_path),
+            embedded_ngram=ckpt.ngram,
         )
         outputs.append(decoder(ckpt.model, x, lens))
     assert outputs[0] == outputs[1]
@@ -174,15 +221,19 @@ def test_bad_flag_values_are_one_line_errors(export_env, argv, message):
 def test_keyword_boosting_needs_beam_search(export_env, tmp_path):
     with pytest.raises(UserError, match="needs --decoder beam"):
         build_decoder(
-            parse("--keyword_boost_path", str(tmp_path / "k.json")), Tokenizer(export_env.spm_path),
-            frame_seconds=0.06, source="x",
+            parse("--keyword_boost_path", str(tmp_path / "k.json")),
+            Tokenizer(export_env.spm_path),
+            frame_seconds=0.06,
+            source="x",
         )
 
 
 def test_result_line_names_the_decoder_and_the_ngram(export_env, hw_path):
     ckpt = load_hw_checkpoint(hw_path)
     tokenizer = Tokenizer(ckpt.sentpiece_model_binary)
-    beam = build_decoder(parse("--decoder", "beam"), tokenizer, frame_seconds=0.06, source="x", embedded_ngram=ckpt.ngram)
+    beam = build_decoder(
+        parse("--decoder", "beam"), tokenizer, frame_seconds=0.06, source="x", embedded_ngram=ckpt.ngram
+    )
     assert result_line(0.12345, "dev.json", beam) == (
         'Word Error Rate: 12.345% on "dev.json" (beam search, width 4, n-gram scale 0.05)'
     )

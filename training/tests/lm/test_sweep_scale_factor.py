@@ -42,7 +42,9 @@ def dev_set(export_env) -> Path:
     entries = []
     for i, transcript in enumerate(TRANSCRIPTS):
         samples = 8000 + 2000 * i
-        wave = 0.3 * np.sin(2 * np.pi * (220 + 90 * i) * np.arange(samples) / RATE) + 0.05 * rng.standard_normal(samples)
+        wave = 0.3 * np.sin(
+            2 * np.pi * (220 + 90 * i) * np.arange(samples) / RATE
+        ) + 0.05 * rng.standard_normal(samples)
         soundfile.write(root / f"{i}.flac", wave.astype(np.float32), RATE, subtype="PCM_16")
         entries.append(manifest_entry(transcript, f"{i}.flac", samples, RATE))
     write_manifest(entries, root / "dev.json")
@@ -60,7 +62,9 @@ def run(dev_set: Path, capsys, *extra: str) -> list[str]:
 def test_prints_a_wer_per_scale_factor_and_writes_the_best_into_a_copy(dev_set, capsys):
     source = dev_set / "model.hw.pt"
     before = hashlib.sha256(source.read_bytes()).hexdigest()
-    out = run(dev_set, capsys, "--scale_factors", "0", "0.5", "2", "--output_hw", str(dev_set / "tuned.hw.pt"))
+    out = run(
+        dev_set, capsys, "--scale_factors", "0", "0.5", "2", "--output_hw", str(dev_set / "tuned.hw.pt")
+    )
     assert out[0].split() == ["scale_factor", "WER"]
     rows = [line.split() for line in out[1:4]]
     assert [float(scale) for scale, _ in rows] == [0.0, 0.5, 2.0]
@@ -81,18 +85,29 @@ def test_encoding_once_gives_what_decoding_each_scale_factor_from_audio_gives(de
     entries = json.loads((dev_set / "dev.json").read_text())
     args = add_decoder_args(argparse.ArgumentParser()).parse_args(["--decoder", "beam"])
     decoder = build_decoder(
-        args, target.tokenizer, frame_seconds=encoder_frame_seconds(target.pipeline, target.model, RATE),
-        source="model.hw.pt", embedded_ngram=ckpt.ngram,
+        args,
+        target.tokenizer,
+        frame_seconds=encoder_frame_seconds(target.pipeline, target.model, RATE),
+        source="model.hw.pt",
+        embedded_ngram=ckpt.ngram,
     )
     encoded = sweep_scale_factor.encode_dev_set(
         target, entries, dev_set, batch_size=2, final_padding_secs=0.24, seed=1, device=device
     )
     for scale in (0.0, 1.0):
         once = sweep_scale_factor.transcribe(target, decoder.with_ngram_scale(scale), encoded)
-        loader = DataLoader(AudioDataset(entries, dev_set, RATE, **target.text), batch_size=2, collate_fn=collate)
+        loader = DataLoader(
+            AudioDataset(entries, dev_set, RATE, **target.text), batch_size=2, collate_fn=collate
+        )
         direct = evaluate(
-            target.model, loader, target.pipeline, target.tokenizer, sample_rate=RATE, progress=False,
-            generator=torch.Generator().manual_seed(1), decoder=decoder.with_ngram_scale(scale),
+            target.model,
+            loader,
+            target.pipeline,
+            target.tokenizer,
+            sample_rate=RATE,
+            progress=False,
+            generator=torch.Generator().manual_seed(1),
+            decoder=decoder.with_ngram_scale(scale),
         )
         assert once == [p["hyp"] for p in direct.predictions]
 
@@ -103,7 +118,10 @@ def test_encoding_once_gives_what_decoding_each_scale_factor_from_audio_gives(de
         (["--skip_ngram"], "nothing to sweep"),
         (["--scale_factors", "-1"], "--scale_factors must be >= 0"),
         (["--output_hw", "{dir}/model.hw.pt"], "must differ"),
-        (["--ckpt", "{ckpt}", "--model_config", "{config}", "--output_hw", "{dir}/x.hw.pt"], "needs a hardware checkpoint"),
+        (
+            ["--ckpt", "{ckpt}", "--model_config", "{config}", "--output_hw", "{dir}/x.hw.pt"],
+            "needs a hardware checkpoint",
+        ),
     ],
 )
 def test_user_mistakes_are_errors_naming_the_fix(dev_set, export_env, extra, message):
@@ -115,7 +133,13 @@ def test_user_mistakes_are_errors_naming_the_fix(dev_set, export_env, extra, mes
 
 def test_command_line_errors_are_one_line_with_exit_status_2(dev_set):
     script = REPO / "training" / "caiman_asr_train" / "lm" / "sweep_scale_factor.py"
-    argv = ["--ckpt", str(dev_set / "model.hw.pt"), "--val_manifests", str(dev_set / "dev.json"), "--skip_ngram"]
+    argv = [
+        "--ckpt",
+        str(dev_set / "model.hw.pt"),
+        "--val_manifests",
+        str(dev_set / "dev.json"),
+        "--skip_ngram",
+    ]
     result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --skip_ngram leaves nothing to sweep; drop it"]
