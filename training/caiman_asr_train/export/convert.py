@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. a Kubernetes Indexed Job's completion index; an index past the end converts nothing",
     )
     p.add_argument("--output_directory", required=True, help="where to write (local path or fsspec URL)")
-    p.add_argument("--model_name", default="caiman-asr", help="first directory level under --output_directory")
+    p.add_argument(
+        "--model_name", default="caiman-asr", help="first directory level under --output_directory"
+    )
     p.add_argument(
         "--version", default="1", help="second directory level (with --select all: <version>-<label>)"
     )
@@ -190,7 +192,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.quantize_type is not None:
         types = _quantize_types()
         if args.quantize_type not in types:
-            raise ConversionError(f"--quantize_type {args.quantize_type}: unknown type; choose from {', '.join(types)}")
+            raise ConversionError(
+                f"--quantize_type {args.quantize_type}: unknown type; choose from {', '.join(types)}"
+            )
         refusing = [s for s in args.servers if s not in QUANTIZABLE]
         if refusing:
             raise ConversionError(
@@ -202,11 +206,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.checkpoint_index is not None and args.checkpoint_index < 0:
         raise ConversionError(f"--checkpoint_index {args.checkpoint_index}: must be 0 or more")
     if args.max_wer_increase < 0:
-        raise ConversionError(f"--max_wer_increase {args.max_wer_increase}: must be 0 or more (percentage points)")
+        raise ConversionError(
+            f"--max_wer_increase {args.max_wer_increase}: must be 0 or more (percentage points)"
+        )
     if args.ckpt is not None and args.select != "best":
         raise ConversionError("--select applies to --input_directory; --ckpt names one file")
     if args.dataset_dir is not None and args.verify_manifests is None:
-        raise ConversionError("--dataset_dir is only used with --verify_manifests; add the manifests to check")
+        raise ConversionError(
+            "--dataset_dir is only used with --verify_manifests; add the manifests to check"
+        )
     for name in ("model_name", "version"):
         value = getattr(args, name)
         if not value or "/" in value or value in (".", ".."):
@@ -237,8 +245,12 @@ def filesystem(url: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except ImportError:
         protocol = url.split("://", 1)[0]
         extra = _EXTRAS.get(protocol)
-        hint = f"pip install 'caiman_asr_train[{extra}]'" if extra else "install its fsspec filesystem package"
-        raise ConversionError(f"{flag} {url}: the {protocol}:// filesystem is not installed; {hint}") from None
+        hint = (
+            f"pip install 'caiman_asr_train[{extra}]'" if extra else "install its fsspec filesystem package"
+        )
+        raise ConversionError(
+            f"{flag} {url}: the {protocol}:// filesystem is not installed; {hint}"
+        ) from None
     except ValueError as exc:
         raise ConversionError(f"{flag} {url}: {exc}") from None
     return fs, path
@@ -260,10 +272,14 @@ def select_sources(input_directory: str, select: str) -> list[Source]:
     """
     fs, path = filesystem(input_directory, "--input_directory")
     if not fs.isdir(path):
-        raise ConversionError(f"--input_directory {input_directory} is not a directory; give a training run's --output_dir")
+        raise ConversionError(
+            f"--input_directory {input_directory} is not a directory; give a training run's --output_dir"
+        )
     names = {Path(entry).name for entry in fs.ls(path, detail=False)}
     checkpointer = Checkpointer(Path(path))
-    steps = sorted({step for step in map(checkpointer.step_of, map(_training_name, names)) if step is not None})
+    steps = sorted(
+        {step for step in map(checkpointer.step_of, map(_training_name, names)) if step is not None}
+    )
     wanted = {
         "best": [("best", checkpointer.best_path.name)],
         "last": [("last", checkpointer.last_path.name)],
@@ -345,8 +361,10 @@ def _up_to_date(fs: fsspec.AbstractFileSystem, target: str, source_sha256: str, 
         manifest = json.loads(fs.cat_file(manifest_path))
         if manifest["source"]["sha256"] != source_sha256 or manifest["options"] != options:
             return False
-        return all(fs.isfile(f"{target}/{name}") and fs.size(f"{target}/{name}") == entry["size"]
-                   for name, entry in manifest["files"].items())
+        return all(
+            fs.isfile(f"{target}/{name}") and fs.size(f"{target}/{name}") == entry["size"]
+            for name, entry in manifest["files"].items()
+        )
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -398,7 +416,12 @@ def _manifest(source: Source, source_sha256: str, options: dict, files: dict, su
         "format": MANIFEST_FORMAT,
         "tool": {"name": "caiman_asr_train", "version": tool_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"url": source.url, "label": source.label, "sha256": source_sha256, "step": summary.get("step")},
+        "source": {
+            "url": source.url,
+            "label": source.label,
+            "sha256": source_sha256,
+            "step": summary.get("step"),
+        },
         "options": options,
         "wer": _plain(summary.get("wer")),
         "files": files,
@@ -448,7 +471,9 @@ def convert(args: argparse.Namespace) -> list[dict]:
     if args.ckpt:
         fs, path = filesystem(args.ckpt, "--ckpt")
         if not fs.isfile(path):
-            raise ConversionError(f"--ckpt {args.ckpt} not found; give a training or hardware checkpoint file")
+            raise ConversionError(
+                f"--ckpt {args.ckpt} not found; give a training or hardware checkpoint file"
+            )
         sources = [Source(args.ckpt, _training_name(Path(path).name).removesuffix(".pt"))]
     else:
         sources = select_sources(args.input_directory, args.select)
@@ -476,7 +501,9 @@ def convert(args: argparse.Namespace) -> list[dict]:
                 records.append({**record, "status": "written"})
                 print(f"written: {record['target']} ({len(files)} files from {source.url})", flush=True)
     if not sources:
-        print(f"--checkpoint_index {args.checkpoint_index}: past the selected checkpoints; nothing to convert")
+        print(
+            f"--checkpoint_index {args.checkpoint_index}: past the selected checkpoints; nothing to convert"
+        )
     return records
 
 

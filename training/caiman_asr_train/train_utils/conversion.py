@@ -94,14 +94,18 @@ class ConversionCallback:
         self.quantize_type = quantize_type
         self.verify_manifests = verify_manifests
         self.dataset_dir = dataset_dir
-        fpga = [server for server in self.servers if server not in EXPORT_SERVERS and server in convert.SERVERS]
+        fpga = [
+            server for server in self.servers if server not in EXPORT_SERVERS and server in convert.SERVERS
+        ]
         if fpga:
             raise UserError(
                 f"--export_servers {', '.join(fpga)}: the hardware checkpoints are always written; "
                 f"choose from {', '.join(EXPORT_SERVERS)}"
             )
         try:
-            convert.parse_args([str(a) for a in self.argv(self.output_dir / "checkpoint.hw.pt", "best", None)])
+            convert.parse_args(
+                [str(a) for a in self.argv(self.output_dir / "checkpoint.hw.pt", "best", None)]
+            )
         except UserError as exc:
             raise UserError(f"--export_servers/--export_quantize_type: {exc}") from None
 
@@ -115,14 +119,23 @@ class ConversionCallback:
             output_dir=Path(args.output_dir),
             export_dir=Path(args.export_dir) if args.export_dir else None,
             quantize_type=args.export_quantize_type,
-            verify_manifests=[Path(args.dataset_dir) / m for m in args.val_manifests] if args.export_verify else None,
+            verify_manifests=[Path(args.dataset_dir) / m for m in args.val_manifests]
+            if args.export_verify
+            else None,
             dataset_dir=Path(args.dataset_dir) if args.export_verify else None,
         )
 
     def argv(self, source: Path, label: str, config: Optional[Path]) -> list[Arg]:
         """The converter's arguments for ``source`` (paths stay ``Path`` so ``command`` can show them)."""
         argv: list[Arg] = ["--ckpt", source, "--inference_server", ",".join(self.servers)]
-        argv += ["--output_directory", self.export_dir, "--model_name", self.output_dir.name, "--version", label]
+        argv += [
+            "--output_directory",
+            self.export_dir,
+            "--model_name",
+            self.output_dir.name,
+            "--version",
+            label,
+        ]
         if config is not None:
             argv += ["--config", config]
         if self.quantize_type:
@@ -134,7 +147,9 @@ class ConversionCallback:
     @staticmethod
     def command(argv: list[Arg]) -> str:
         """The shell command that runs the converter with ``argv``."""
-        return " ".join(["caiman-convert"] + [shown_path(a) if isinstance(a, Path) else shlex.quote(a) for a in argv])
+        return " ".join(
+            ["caiman-convert"] + [shown_path(a) if isinstance(a, Path) else shlex.quote(a) for a in argv]
+        )
 
     def source(self, ctx: FinalizeContext) -> tuple[Path, str, Optional[Path]]:
         """``(checkpoint, label, config)``: the best hardware checkpoint, else the last; failing those
@@ -156,7 +171,11 @@ class ConversionCallback:
             argv = self.argv(*self.source(ctx))
             records = convert.convert(convert.parse_args([str(a) for a in argv]))
         except Exception as exc:  # noqa: BLE001 - report every failure as one export failure
-            reason = str(exc) if isinstance(exc, UserError) else "".join(traceback.format_exception_only(exc)).strip()
+            reason = (
+                str(exc)
+                if isinstance(exc, UserError)
+                else "".join(traceback.format_exception_only(exc)).strip()
+            )
             redo = f"  {self.command(argv)}" if argv else "  (no checkpoint to convert)"
             ctx.log_error(
                 f"error: conversion for {', '.join(self.servers)} failed: {reason}\n"

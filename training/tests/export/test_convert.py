@@ -38,8 +38,11 @@ def run_dir(export_env) -> Path:
     config_path.write_text(config_path.read_text().replace("window_size: 0.02", "window_size: 0.025"))
     cfg = config.load(config_path)
     results = export_env.dir / "results"
-    for name, step in (("RNN-T_step10_checkpoint.pt", 10), ("RNN-T_last_checkpoint.pt", 20),
-                       ("RNN-T_best_checkpoint.pt", 15)):
+    for name, step in (
+        ("RNN-T_step10_checkpoint.pt", 10),
+        ("RNN-T_last_checkpoint.pt", 20),
+        ("RNN-T_best_checkpoint.pt", 15),
+    ):
         export_env.save(results / name, step=step, config=cfg, asset_sha256=asset_sha256(cfg))
     hw = create_hardware_ckpt(results / "RNN-T_best_checkpoint.pt", skip_state_dict_check=True)
     save_hardware_ckpt(hw, results / "RNN-T_best_checkpoint.hw.pt")
@@ -56,9 +59,7 @@ def convert(*argv: str) -> int:
 def check_target(fs: fsspec.AbstractFileSystem, target: str, source_bytes: bytes, step: int) -> dict:
     manifest = json.loads(fs.cat_file(f"{target}/{MANIFEST_NAME}"))
     listed = {
-        Path(p).relative_to(Path(target)).as_posix()
-        for p in fs.find(target)
-        if not p.endswith(MANIFEST_NAME)
+        Path(p).relative_to(Path(target)).as_posix() for p in fs.find(target) if not p.endswith(MANIFEST_NAME)
     }
     assert set(manifest["files"]) == listed and listed
     for name, entry in manifest["files"].items():
@@ -73,8 +74,21 @@ def check_target(fs: fsspec.AbstractFileSystem, target: str, source_bytes: bytes
 @pytest.mark.parametrize("scheme", ["local", "memory"])
 def test_every_target_is_written_with_a_manifest_of_its_files_and_source(run_dir, tmp_path, scheme):
     output = str(tmp_path / "out") if scheme == "local" else f"memory://convert-{os.getpid()}/out"
-    assert convert("--input_directory", str(run_dir), "--inference_server", SERVERS,
-                   "--output_directory", output, "--model_name", "demo", "--version", "7") == 0
+    assert (
+        convert(
+            "--input_directory",
+            str(run_dir),
+            "--inference_server",
+            SERVERS,
+            "--output_directory",
+            output,
+            "--model_name",
+            "demo",
+            "--version",
+            "7",
+        )
+        == 0
+    )
 
     fs, root = fsspec.core.url_to_fs(output)
     source = (run_dir / "RNN-T_best_checkpoint.hw.pt").read_bytes()
@@ -83,7 +97,10 @@ def test_every_target_is_written_with_a_manifest_of_its_files_and_source(run_dir
     for server in targets:
         manifest = check_target(fs, f"{root}/demo/7/{server}", source, step=15)
         assert manifest["options"]["server"] == server
-    assert any(name.endswith(".hw.pt") for name in json.loads(fs.cat_file(f"{root}/demo/7/myrtle-fpga/manifest.json"))["files"])
+    assert any(
+        name.endswith(".hw.pt")
+        for name in json.loads(fs.cat_file(f"{root}/demo/7/myrtle-fpga/manifest.json"))["files"]
+    )
     if scheme == "local":
         assert validate_triton_repository(tmp_path / "out/demo/7/triton/model_repository")
     else:
@@ -91,8 +108,15 @@ def test_every_target_is_written_with_a_manifest_of_its_files_and_source(run_dir
 
 
 def test_a_rerun_skips_every_target_and_rewrites_nothing(run_dir, tmp_path, capsys):
-    argv = ["--input_directory", str(run_dir), "--inference_server", "myrtle-fpga", "onnxruntime",
-            "--output_directory", str(tmp_path / "out")]
+    argv = [
+        "--input_directory",
+        str(run_dir),
+        "--inference_server",
+        "myrtle-fpga",
+        "onnxruntime",
+        "--output_directory",
+        str(tmp_path / "out"),
+    ]
     assert convert(*argv) == 0
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
     capsys.readouterr()
@@ -104,16 +128,26 @@ def test_a_rerun_skips_every_target_and_rewrites_nothing(run_dir, tmp_path, caps
 
 
 def test_a_changed_source_is_converted_again(run_dir, tmp_path, export_env):
-    argv = ["--ckpt", str(run_dir / "RNN-T_last_checkpoint.pt"), "--inference_server", "myrtle-fpga",
-            "--output_directory", str(tmp_path / "out")]
+    argv = [
+        "--ckpt",
+        str(run_dir / "RNN-T_last_checkpoint.pt"),
+        "--inference_server",
+        "myrtle-fpga",
+        "--output_directory",
+        str(tmp_path / "out"),
+    ]
     assert convert(*argv) == 0
     cfg = config.load(export_env.config_path)
     export_env.save(run_dir / "RNN-T_last_checkpoint.pt", step=30, config=cfg, asset_sha256=asset_sha256(cfg))
 
     assert convert(*argv) == 0
 
-    check_target(fsspec.filesystem("file"), str(tmp_path / "out/caiman-asr/1/myrtle-fpga"),
-                 (run_dir / "RNN-T_last_checkpoint.pt").read_bytes(), step=30)
+    check_target(
+        fsspec.filesystem("file"),
+        str(tmp_path / "out/caiman-asr/1/myrtle-fpga"),
+        (run_dir / "RNN-T_last_checkpoint.pt").read_bytes(),
+        step=30,
+    )
 
 
 def test_select_all_gives_each_checkpoint_its_version_and_an_index_picks_one(run_dir, tmp_path):
@@ -121,22 +155,63 @@ def test_select_all_gives_each_checkpoint_its_version_and_an_index_picks_one(run
     assert labels == ["best", "last", "step10"]
     assert select_sources(str(run_dir), "best")[0].url.endswith("RNN-T_best_checkpoint.hw.pt")
 
-    assert convert("--input_directory", str(run_dir), "--select", "all", "--checkpoint_index", "1",
-                   "--inference_server", "myrtle-fpga", "--output_directory", str(tmp_path / "out")) == 0
+    assert (
+        convert(
+            "--input_directory",
+            str(run_dir),
+            "--select",
+            "all",
+            "--checkpoint_index",
+            "1",
+            "--inference_server",
+            "myrtle-fpga",
+            "--output_directory",
+            str(tmp_path / "out"),
+        )
+        == 0
+    )
     assert [p.name for p in (tmp_path / "out/caiman-asr").iterdir()] == ["1-last"]
-    assert convert("--input_directory", str(run_dir), "--select", "all", "--checkpoint_index", "3",
-                   "--inference_server", "myrtle-fpga", "--output_directory", str(tmp_path / "out2")) == 0
+    assert (
+        convert(
+            "--input_directory",
+            str(run_dir),
+            "--select",
+            "all",
+            "--checkpoint_index",
+            "3",
+            "--inference_server",
+            "myrtle-fpga",
+            "--output_directory",
+            str(tmp_path / "out2"),
+        )
+        == 0
+    )
     assert not (tmp_path / "out2").exists()
 
 
 def test_a_run_killed_midway_is_completed_by_the_rerun_with_no_partial_target(run_dir, tmp_path):
     output = tmp_path / "out"
-    argv = [sys.executable, "-m", "caiman_asr_train.export.convert", "--input_directory", str(run_dir),
-            "--select", "all", "--inference_server", "myrtle-fpga,onnxruntime", "--output_directory", str(output)]
+    argv = [
+        sys.executable,
+        "-m",
+        "caiman_asr_train.export.convert",
+        "--input_directory",
+        str(run_dir),
+        "--select",
+        "all",
+        "--inference_server",
+        "myrtle-fpga,onnxruntime",
+        "--output_directory",
+        str(output),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while not list(output.glob("*/*/*/manifest.json")) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not list(output.glob("*/*/*/manifest.json"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
@@ -151,8 +226,12 @@ def test_a_run_killed_midway_is_completed_by_the_rerun_with_no_partial_target(ru
     assert not [p for p in output.rglob(".*")], "partial directories left behind"
     for manifest_path in done_before:
         before = json.loads(manifest_path.read_text())
-        assert check_target(fsspec.filesystem("file"), str(manifest_path.parent),
-                            Path(before["source"]["url"]).read_bytes(), before["source"]["step"])
+        assert check_target(
+            fsspec.filesystem("file"),
+            str(manifest_path.parent),
+            Path(before["source"]["url"]).read_bytes(),
+            before["source"]["step"],
+        )
 
 
 @pytest.mark.parametrize(
@@ -164,17 +243,37 @@ def test_a_run_killed_midway_is_completed_by_the_rerun_with_no_partial_target(ru
         (["--inference_server", "onnxruntime", "--checkpoint_index", "-1"], "must be 0 or more"),
         (["--inference_server", "onnxruntime", "--max_wer_increase", "-2"], "must be 0 or more"),
         (["--inference_server", "onnxruntime", "--model_name", "a/b"], "without '/'"),
-        (["--inference_server", "onnxruntime", "--select", "last", "--input_directory", "{empty}"], "holds no last"),
+        (
+            ["--inference_server", "onnxruntime", "--select", "last", "--input_directory", "{empty}"],
+            "holds no last",
+        ),
         (["--inference_server", "onnxruntime", "--input_directory", "{missing}"], "is not a directory"),
         (["--inference_server", "onnxruntime", "--ckpt", "{missing}/x.pt"], "not found"),
-        (["--inference_server", "onnxruntime", "--output_directory", "gs://bucket/models"], "caiman_asr_train[gcs]"),
-        (["--inference_server", "onnxruntime", "--output_directory", "s3://bucket/models"], "caiman_asr_train[s3]"),
-        (["--inference_server", "onnxruntime", "--ckpt", "{run}/RNN-T_last_checkpoint.pt", "--input_directory",
-          "{run}"], "not allowed with"),
+        (
+            ["--inference_server", "onnxruntime", "--output_directory", "gs://bucket/models"],
+            "caiman_asr_train[gcs]",
+        ),
+        (
+            ["--inference_server", "onnxruntime", "--output_directory", "s3://bucket/models"],
+            "caiman_asr_train[s3]",
+        ),
+        (
+            [
+                "--inference_server",
+                "onnxruntime",
+                "--ckpt",
+                "{run}/RNN-T_last_checkpoint.pt",
+                "--input_directory",
+                "{run}",
+            ],
+            "not allowed with",
+        ),
         (["--input_directory", "{run}"], "required: --inference_server"),
     ],
 )
-def test_every_bad_argument_gives_one_line_and_exit_2_before_any_work(run_dir, tmp_path, capsys, argv, message):
+def test_every_bad_argument_gives_one_line_and_exit_2_before_any_work(
+    run_dir, tmp_path, capsys, argv, message
+):
     (tmp_path / "empty").mkdir()
     paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "run": run_dir}
     argv = [a.format(**paths) for a in argv]
@@ -192,20 +291,37 @@ def test_every_bad_argument_gives_one_line_and_exit_2_before_any_work(run_dir, t
     assert sorted(run_dir.iterdir()) == before
 
 
-def test_an_object_store_run_directory_is_read_and_quantized_targets_get_their_own_directory(run_dir, tmp_path):
+def test_an_object_store_run_directory_is_read_and_quantized_targets_get_their_own_directory(
+    run_dir, tmp_path
+):
     fs = fsspec.filesystem("memory")
     remote = f"/runs-{os.getpid()}/demo"
     for path in run_dir.iterdir():
         fs.pipe_file(f"{remote}/{path.name}", path.read_bytes())
     try:
-        assert convert("--input_directory", f"memory://{remote}", "--inference_server", "onnxruntime",
-                       "--quantize_type", "int8_per_channel", "--output_directory", str(tmp_path / "out")) == 0
+        assert (
+            convert(
+                "--input_directory",
+                f"memory://{remote}",
+                "--inference_server",
+                "onnxruntime",
+                "--quantize_type",
+                "int8_per_channel",
+                "--output_directory",
+                str(tmp_path / "out"),
+            )
+            == 0
+        )
     finally:
         fs.rm(remote, recursive=True)
 
     target = tmp_path / "out/caiman-asr/1/onnxruntime-int8_per_channel"
-    manifest = check_target(fsspec.filesystem("file"), str(target),
-                            (run_dir / "RNN-T_best_checkpoint.hw.pt").read_bytes(), step=15)
+    manifest = check_target(
+        fsspec.filesystem("file"),
+        str(target),
+        (run_dir / "RNN-T_best_checkpoint.hw.pt").read_bytes(),
+        step=15,
+    )
     assert manifest["source"]["url"] == f"memory://{remote}/RNN-T_best_checkpoint.hw.pt"
     assert manifest["options"]["quantize_type"] == "int8_per_channel"
     assert json.loads((target / "bundle.json").read_text())["quantize_type"] == "int8_per_channel"

@@ -25,7 +25,10 @@ _spec = importlib.util.spec_from_file_location(
 _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 spm_model, kenlm_files, mel_stats, export_env = (
-    _fixtures.spm_model, _fixtures.kenlm_files, _fixtures.mel_stats, _fixtures.export_env
+    _fixtures.spm_model,
+    _fixtures.kenlm_files,
+    _fixtures.mel_stats,
+    _fixtures.export_env,
 )
 
 
@@ -62,7 +65,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_the_callback_writes_every_configured_bundle_from_the_best_hardware_checkpoint(finished_run, capsys):
     results = finished_run.best_path.parent
-    callback = ConversionCallback.from_args(parse("--output_dir", str(results), "--export_servers", "onnxruntime,sherpa-onnx"))
+    callback = ConversionCallback.from_args(
+        parse("--output_dir", str(results), "--export_servers", "onnxruntime,sherpa-onnx")
+    )
 
     callback(finished_run)
 
@@ -73,13 +78,17 @@ def test_the_callback_writes_every_configured_bundle_from_the_best_hardware_chec
     assert "onnxruntime artefacts written" in capsys.readouterr().out
 
 
-def test_a_failed_conversion_prints_the_command_that_redoes_it_and_keeps_the_checkpoints(finished_run, capsys):
+def test_a_failed_conversion_prints_the_command_that_redoes_it_and_keeps_the_checkpoints(
+    finished_run, capsys
+):
     results = finished_run.best_path.parent
     best_hw = results / "RNN-T_best_checkpoint.hw.pt"
     intact = best_hw.read_bytes()
     best_hw.write_bytes(intact[: len(intact) // 2])
     before = {p.name: p.read_bytes() for p in results.iterdir()}
-    callback = ConversionCallback.from_args(parse("--output_dir", str(results), "--export_servers", "onnxruntime"))
+    callback = ConversionCallback.from_args(
+        parse("--output_dir", str(results), "--export_servers", "onnxruntime")
+    )
 
     with pytest.raises(ExportFailed):
         callback(finished_run)
@@ -96,7 +105,9 @@ def test_a_failed_conversion_prints_the_command_that_redoes_it_and_keeps_the_che
 
 def test_other_ranks_do_nothing(finished_run):
     results = finished_run.best_path.parent
-    callback = ConversionCallback.from_args(parse("--output_dir", str(results), "--export_servers", "onnxruntime"))
+    callback = ConversionCallback.from_args(
+        parse("--output_dir", str(results), "--export_servers", "onnxruntime")
+    )
 
     callback(finalize_context(results, finished_run.config_path, rank=1))
 
