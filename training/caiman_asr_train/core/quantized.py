@@ -34,7 +34,7 @@ QUANTIZATION_KEY = "quantization"
 QUANTIZED_STATE_DICT_KEY = "quantized_state_dict"
 BITS = {"int8_per_channel": 8, "int8_blockwise": 8, "int4_per_channel": 4, "int4_blockwise": 4}
 
-_HINT = "re-export it with python -m caiman_asr_train.export.inference --target pytorch"
+_HINT = "re-export it with python -m caiman_asr_train.export.inference --target pytorch --quantize_weights"
 
 
 def is_quantized_checkpoint(ckpt: Mapping) -> bool:

@@ -7,6 +7,8 @@ one block spanning the input axis, so one scale per output row (per gate row
 of an LSTM weight, per token row of an embedding); ``*_blockwise`` cuts the
 input axis into blocks of ``block_size`` elements, the last one shorter when
 ``block_size`` does not divide it. Biases and other 1-D tensors stay float32.
+One exception: ONNX ``int8_per_channel`` graphs run on ONNX Runtime's integer
+kernels, whose weight formats differ slightly (``deploy.quantize_onnx``).
 
 ``caiman_asr_train.core.quantized`` reads the ``*.q.pt`` layout back (and
 documents it); ``caiman_asr_train.deploy.quantize_onnx`` rewrites ONNX graphs.
@@ -35,11 +37,6 @@ MODEL_GRAPHS = {
     "onnxruntime": ("encoder.onnx", "predictor.onnx", "joint.onnx"),
     "sherpa-onnx": ("encoder.onnx", "decoder.onnx", "joiner.onnx"),
 }
-FPGA_REFUSAL = (
-    "--quantize_weights is not available for --target myrtle-fpga: the FPGA server takes float32 weights "
-    "and applies its own number format; export without --quantize_weights, or pick --target onnxruntime, "
-    "sherpa-onnx or pytorch"
-)
 
 
 def quantize_settings(quantize_type: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, Optional[int]]:
