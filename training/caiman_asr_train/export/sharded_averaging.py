@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from caiman_asr_train.core.errors import CheckpointError, UserError
-from caiman_asr_train.export.averaging_engine import non_finite_error, one_thread
+from caiman_asr_train.export.averaging_engine import one_thread
 from caiman_asr_train.export.averaging_selection import (
     WER_EPS,
     CheckpointInfo,
@@ -58,10 +58,12 @@ from caiman_asr_train.utils.atomic import atomic_write_bytes
 
 __all__ = [
     "AVERAGING_JSON",
+    "add_weighted",
     "average_sharded",
     "default_output",
     "is_optimizer_key",
     "round_half_even",
+    "round_into",
     "sharded_format",
     "select_sharded",
 ]
@@ -125,14 +127,29 @@ def round_half_even(x: Tensor, dtype: torch.dtype) -> Tensor:
     return odd.to(dtype)
 
 
-def add_weighted(total: Tensor, piece: Tensor, weight: float, first: bool, source: object, key: str) -> None:
-    """``total (float64) += weight * piece`` (``=`` when ``first``); refuse a NaN or Inf in ``piece``."""
-    if not bool(torch.isfinite(piece).all()):
-        raise non_finite_error(source, key)
-    if first:
-        total.copy_(piece).mul_(weight)
-    else:
-        total.add_(piece.to(torch.float64), alpha=weight)
+# Elements per accumulation step: float64 slices of 1 MiB stay in the CPU cache.
+SLICE = 1 << 17
+
+
+def add_weighted(total: Tensor, piece: Tensor, weight: float, first: bool, buffer: Tensor) -> None:
+    """``total += weight * piece`` (``=`` when ``first``), both flat, one cache-sized slice at a time.
+
+    ``total`` is float64; ``buffer`` (float64, at least ``SLICE`` elements) holds each
+    converted slice, so no full-size float64 temporary is made.
+    """
+    for start in range(0, piece.numel(), SLICE):
+        end = min(start + SLICE, piece.numel())
+        if first:
+            total[start:end].copy_(piece[start:end]).mul_(weight)
+        else:
+            total[start:end].add_(buffer[: end - start].copy_(piece[start:end]), alpha=weight)
+
+
+def round_into(out: Tensor, total: Tensor) -> None:
+    """``out[:] = round_half_even(total)``, both flat, one cache-sized slice at a time."""
+    for start in range(0, total.numel(), SLICE):
+        end = min(start + SLICE, total.numel())
+        out[start:end].copy_(round_half_even(total[start:end], out.dtype))
 
 
 def select_sharded(

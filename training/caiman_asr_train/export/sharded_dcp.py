@@ -16,6 +16,7 @@ the parts and is written last.
 """
 
 import dataclasses
+import math
 import os
 import pickle
 import shutil
@@ -32,11 +33,13 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from caiman_asr_train.core.errors import CheckpointError
+from caiman_asr_train.export.averaging_engine import non_finite_error
 from caiman_asr_train.export.sharded_averaging import (
     DCP_METADATA,
+    SLICE,
     add_weighted,
     is_optimizer_key,
-    round_half_even,
+    round_into,
 )
 from caiman_asr_train.utils.atomic import atomic_write
 
@@ -197,13 +200,15 @@ def _average_tensor(
     weights: list[float],
     part: Path,
 ) -> Path:
-    """Average one tensor over the inputs and save it as a one-tensor DCP checkpoint in ``part``."""
-    total = torch.empty(tuple(md.size), dtype=torch.float64)
-    first = True
-    for path, reader, weight in zip(inputs, readers, weights):
-        if weight <= 0:  # a NaN in a zero-weight input cannot reach the sum
-            continue
-        tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    """Average one tensor over the inputs and save it as a one-tensor DCP checkpoint in ``part``.
+
+    Memory: the float64 sum and one input's tensor, whatever the number of inputs.
+    """
+    total = torch.empty(math.prod(md.size), dtype=torch.float64)
+    buffer = torch.empty(SLICE, dtype=torch.float64)
+    tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    used = [(path, reader, weight) for path, reader, weight in zip(inputs, readers, weights) if weight > 0]
+    for i, (path, reader, weight) in enumerate(used):  # a NaN in a zero-weight input cannot reach the sum
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
@@ -212,15 +217,15 @@ def _average_tensor(
             raise CheckpointError(
                 f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
             ) from None
-        add_weighted(total, tensor, weight, first, path, key)
-        first = False
-        del tensor
-    result = round_half_even(total, md.properties.dtype)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise non_finite_error(path, key)
+        add_weighted(total, tensor.reshape(-1), weight, i == 0, buffer)
+    round_into(tensor.view(-1), total)  # the last input's tensor is free again: it holds the result
     del total
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(
-            {key: result},
+            {key: tensor},
             storage_writer=dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1),
         )
     return part

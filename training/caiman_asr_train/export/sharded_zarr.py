@@ -1,15 +1,21 @@
 """Averaging of zarr sharded checkpoints (Megatron-Core ``dist_checkpointing``), one chunk at a time.
 
 Each tensor is a zarr v2 array directory (``.zarray`` plus chunk files).
-Arrays are read and written with tensorstore, which Megatron itself used for
-them and which reads the ``bfloat16`` dtype name (zarr-python 3.1+ does not).
-Every other entry of the directory (``common.pt``, extra-state shard
-directories) is copied verbatim from the most-weighted input.
+Arrays are created and written with tensorstore, which Megatron itself used
+for them and which reads the ``bfloat16`` dtype name (zarr-python 3.1+ does
+not). Megatron's chunks are raw (no compressor, no filters, C order): a chunk
+file is the chunk's bytes, so every input's chunk is read straight from its
+file one cache-sized slice at a time, and memory holds one output chunk
+whatever the number of inputs. Compressed or filtered arrays are decoded by
+tensorstore a chunk at a time instead. Every other entry of the directory
+(``common.pt``, extra-state shard directories) is copied verbatim from the
+most-weighted input.
 """
 
 import itertools
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,12 +26,14 @@ import tensorstore as ts
 import torch
 
 from caiman_asr_train.core.errors import CheckpointError
+from caiman_asr_train.export.averaging_engine import non_finite_error
 from caiman_asr_train.export.sharded_averaging import (
     AVERAGING_JSON,
     METADATA_JSON,
+    SLICE,
     add_weighted,
     is_optimizer_key,
-    round_half_even,
+    round_into,
 )
 
 __all__ = ["average", "chunk_keys"]
@@ -136,20 +144,107 @@ def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weight
         for name, _ in chunks:
             if not (path / key / name).is_file():
                 raise CheckpointError(
-                    f"{path}: array '{key}' has no chunk file '{name}'; the checkpoint is incomplete, re-copy or re-save it"
+                    f"{path}: array '{key}' has no chunk file '{name}'; the checkpoint is incomplete, "
+                    "re-copy or re-save it"
                 )
-    sources = [_open(path / key, open=True, read=True) for path in inputs]
     target = _open(build / key, meta, create=True, write=True)
     dtype = _torch_dtype(meta["dtype"])
-    used = [(source, path, w) for source, path, w in zip(sources, inputs, weights) if w > 0]
-    for _, region in chunks:
-        total = None
-        for i, (source, path, weight) in enumerate(used):
-            piece = _to_torch(source[region].read().result())
-            if total is None:
-                total = torch.empty(piece.shape, dtype=torch.float64)
-            add_weighted(total, piece, weight, i == 0, path, key)
-        target[region].write(_to_numpy(round_half_even(total, dtype))).result()
+    used = [(path, weight) for path, weight in zip(inputs, weights) if weight > 0]
+    buffer = torch.empty(SLICE, dtype=torch.float64)
+    read = _raw_reader(meta, dtype) if _is_raw(meta) else None
+    for name, region in chunks:
+        if read is None:
+            result = _average_decoded(used, key, region, buffer)
+        else:
+            result = _average_raw(used, key, name, meta, region, read, buffer)
+        if not bool(torch.isfinite(result).all()):
+            bad = next(p for p, _ in used if not bool(torch.isfinite(_read_region(p / key, region)).all()))
+            raise non_finite_error(bad, key)
+        target[region].write(_to_numpy(result)).result()
+
+
+def _is_raw(meta: dict) -> bool:
+    """Whether chunk files are the chunk's bytes as they are (Megatron's layout): uncompressed, unfiltered,
+    C order, little-endian or single-byte."""
+    little = meta["dtype"] == "bfloat16" or meta["dtype"][0] in "<|"
+    return (
+        meta.get("compressor") is None
+        and not meta.get("filters")
+        and meta.get("order", "C") == "C"
+        and little
+    )
+
+
+def _raw_reader(meta: dict, dtype: torch.dtype) -> Callable[[int, int, int], torch.Tensor]:
+    """``read(fd, start, end)``: elements ``start:end`` of a raw chunk file, into a reused buffer."""
+    item = torch.empty((), dtype=dtype).element_size()
+    raw = bytearray(SLICE * item)
+    view = memoryview(raw)
+    elements = torch.frombuffer(raw, dtype=dtype)
+
+    def read(fd: int, start: int, end: int) -> torch.Tensor:
+        wanted = (end - start) * item
+        if os.preadv(fd, [view[:wanted]], start * item) != wanted:
+            raise EOFError
+        return elements[: end - start]
+
+    return read
+
+
+def _average_raw(
+    used: list[tuple[Path, float]],
+    key: str,
+    name: str,
+    meta: dict,
+    region: tuple[slice, ...],
+    read: Callable[[int, int, int], torch.Tensor],
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """One chunk, read straight from every input's chunk file one cache-sized slice at a time.
+
+    Memory: the output chunk and a few slices, whatever the number of inputs.
+    """
+    full = meta["chunks"] or []
+    count = math.prod(full)
+    out = torch.empty(count, dtype=_torch_dtype(meta["dtype"]))
+    total = torch.empty(SLICE, dtype=torch.float64)
+    fds = [os.open(path / key / name, os.O_RDONLY) for path, _ in used]
+    try:
+        for (path, _), fd in zip(used, fds):
+            if os.fstat(fd).st_size != count * out.element_size():
+                raise CheckpointError(
+                    f"{path}: array '{key}' chunk '{name}' has {os.fstat(fd).st_size} bytes, not "
+                    f"{count * out.element_size()}; the checkpoint is damaged, re-copy or re-save it"
+                )
+        for start in range(0, count, SLICE):
+            end = min(start + SLICE, count)
+            for i, ((_, weight), fd) in enumerate(zip(used, fds)):
+                add_weighted(total[: end - start], read(fd, start, end), weight, i == 0, buffer)
+            round_into(out[start:end], total[: end - start])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    # An edge chunk's file holds the whole chunk; the array has only the region's part of it.
+    return out.view(full)[tuple(slice(0, r.stop - r.start) for r in region)] if full else out.view(())
+
+
+def _average_decoded(
+    used: list[tuple[Path, float]], key: str, region: tuple[slice, ...], buffer: torch.Tensor
+) -> torch.Tensor:
+    """One chunk of compressed or filtered arrays: each input's chunk decoded by tensorstore in turn."""
+    total = None
+    for i, (path, weight) in enumerate(used):
+        piece = _read_region(path / key, region)
+        if total is None:
+            total = torch.empty(piece.numel(), dtype=torch.float64)
+        add_weighted(total, piece.reshape(-1), weight, i == 0, buffer)
+    out = torch.empty(piece.shape, dtype=piece.dtype)
+    round_into(out.view(-1), total)
+    return out
+
+
+def _read_region(array: Path, region: tuple[slice, ...]) -> torch.Tensor:
+    return _to_torch(_open(array, open=True, read=True)[region].read().result())
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -10,6 +10,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
@@ -44,13 +45,15 @@ def quiet(_: str) -> None:
 # --- zarr fixtures: Megatron's .zarray fields, written by tensorstore and zarr-python ---------------
 
 
-def write_ts_array(path: Path, values: np.ndarray, chunks: list[int], dtype: str) -> None:
-    """A zarr v2 array as Megatron writes it: raw chunks, no compressor, '.' separator."""
+def write_ts_array(
+    path: Path, values: np.ndarray, chunks: list[int], dtype: str, compressor: Optional[dict] = None
+) -> None:
+    """A zarr v2 array as Megatron writes it: raw chunks (no compressor by default), '.' separator."""
     metadata = {
         "shape": list(values.shape),
         "chunks": chunks,
         "dtype": dtype,
-        "compressor": None,
+        "compressor": compressor,
         "fill_value": None,
         "order": "C",
         "filters": None,
@@ -153,6 +156,31 @@ def test_inverse_wer_weights_come_from_nemo_names(tmp_path):
         tmp_path / "out/embedding.weight",
         reference(values, record["weights"], "embedding.weight", torch.float32),
     )
+
+
+def test_compressed_arrays_are_decoded_and_averaged_too(tmp_path):
+    values = []
+    for seed in (1, 2):
+        directory = tmp_path / f"z{seed}"
+        directory.mkdir()
+        (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        array = np.random.default_rng(seed).standard_normal((5, 3)).astype(ml_dtypes.bfloat16)
+        write_ts_array(directory / "w", array, [2, 3], "bfloat16", compressor={"id": "zlib", "level": 1})
+        values.append({"w": np.asarray(array, dtype=np.float64)})
+    average_sharded([tmp_path / "z1", tmp_path / "z2"], tmp_path / "out", log=quiet)
+    assert json.loads((tmp_path / "out/w/.zarray").read_text())["compressor"]["id"] == "zlib"
+    assert_array(tmp_path / "out/w", reference(values, [0.5, 0.5], "w", torch.bfloat16))
+
+
+def test_a_truncated_chunk_file_is_refused_naming_it(tmp_path):
+    zarr_checkpoint(tmp_path / "a", seed=1)
+    zarr_checkpoint(tmp_path / "b", seed=2)
+    chunk = tmp_path / "b/decoder.weight/0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-2])
+    with pytest.raises(
+        CheckpointError, match=r"b: array 'decoder\.weight' chunk '0\.0' has 14 bytes, not 16"
+    ):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
 
 
 def test_bfloat16_rounds_once_to_nearest_even():

@@ -1,0 +1,227 @@
+"""Memory and time of averaging sharded checkpoints (zarr and torch DCP) of a base-size model.
+
+Usage (from the repository root):
+
+    .venv/bin/python benchmarks/sharded_averaging.py              # zarr and dcp, N = 2 and 5
+
+Writes 5 sharded checkpoints of the base FPGA model (training/configs/base-8703sp.yaml,
+n_classes 8704, 84.7M parameters, bfloat16 as Megatron trains it) in each layout, with the
+real libraries: zarr arrays through tensorstore with Megatron's ``.zarray`` fields, every
+2-D tensor split in two chunks along its rows as a 2-way tensor-parallel run writes it;
+DCP directories through ``torch.distributed.checkpoint.save``. Then averages the first N
+(N = 2 and 5) in a fresh Python process each time and prints:
+
+    memory ratio = (peak RSS while averaging - RSS just before) / the largest chunk's bytes
+                   (zarr: the largest chunk file; DCP, which is averaged a tensor at a time: the
+                   largest tensor); target <= 4, the same for every N. The RSS before the
+                   averaging is the interpreter's baseline (torch, tensorstore imported).
+    time ratio   = averaging time (writing the output included) / (N x time to read one
+                   checkpoint with the same library); target <= 1.5.
+
+The machine may be shared: times vary with the load, ratios less so. Every file is
+written in a temporary directory (``--work_dir``) that is deleted at the end.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"
+N_CLASSES = 8704
+MEGATRON_METADATA = {
+    "sharded_backend": "zarr",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    """The base model's weights in bfloat16."""
+    from caiman_asr_train.rnnt import config
+    from caiman_asr_train.rnnt.model import RNNT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the base config names GPU-only options (custom_lstm...)
+        kwargs = config.rnnt(config.load(BASE_CONFIG))
+    torch.manual_seed(0)
+    return {k: v.to(torch.bfloat16) for k, v in RNNT(N_CLASSES, **kwargs).state_dict().items()}
+
+
+def chunks_of(shape: tuple[int, ...]) -> list[int]:
+    """Two chunks along the rows of a 2-D tensor (2-way tensor parallel), one chunk otherwise."""
+    return [math.ceil(shape[0] / 2), *shape[1:]] if len(shape) == 2 else list(shape)
+
+
+def write_zarr(directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    import tensorstore as ts
+
+    directory.mkdir()
+    for key, tensor in weights.items():
+        array = tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+        metadata = {
+            "shape": list(array.shape),
+            "chunks": chunks_of(array.shape),
+            "dtype": "bfloat16",
+            "compressor": None,
+            "fill_value": None,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": ".",
+            "zarr_format": 2,
+        }
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(directory / key)},
+            "metadata": metadata,
+        }
+        ts.open(spec, create=True).result().write(array).result()
+    torch.save({"iteration": 1}, directory / "common.pt")
+    (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+
+
+def write_dcp(directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(directory))
+
+
+def make_checkpoints(root: Path, fmt: str, count: int) -> tuple[list[Path], int]:
+    """``count`` checkpoints of ``fmt`` with different weights, and the largest chunk's bytes."""
+    weights = base_weights()
+    paths = []
+    for i in range(count):
+        noisy = {
+            k: (v.float() + 0.01 * (i + 1) * torch.randn(v.shape)).to(torch.bfloat16)
+            for k, v in weights.items()
+        }
+        path = root / f"{fmt}-step={1000 * (i + 1)}"
+        (write_zarr if fmt == "zarr" else write_dcp)(path, noisy)
+        paths.append(path)
+    if fmt == "zarr":
+        largest = max(math.prod(chunks_of(tuple(v.shape))) for v in weights.values()) * 2
+    else:
+        largest = max(v.numel() for v in weights.values()) * 2
+    params = sum(v.numel() for v in weights.values())
+    print(
+        f"  {fmt}: {count} checkpoints of {params / 1e6:.1f}M bfloat16 parameters; largest chunk {largest / 1e6:.1f} MB",
+        flush=True,
+    )
+    return paths, largest
+
+
+def read_one(path: Path, fmt: str) -> float:
+    """Seconds to read every tensor of one checkpoint with the library that wrote it."""
+    start = time.perf_counter()
+    if fmt == "zarr":
+        import tensorstore as ts
+
+        for array in sorted(p for p in path.iterdir() if (p / ".zarray").is_file()):
+            ts.open(
+                {"driver": "zarr", "kvstore": {"driver": "file", "path": str(array)}}
+            ).result().read().result()
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from caiman_asr_train.export.sharded_dcp import SafeFileSystemReader, read_metadata
+
+        md = read_metadata(path).state_dict_metadata
+        state = {
+            k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+            for k, m in md.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    return time.perf_counter() - start
+
+
+def worker(output: str, paths: list[str]) -> None:
+    """Average ``paths`` into ``output`` in this fresh process; print seconds and the RSS increase as JSON."""
+    from memory_probe import reset_peak, status_kb
+
+    from caiman_asr_train.export import sharded_dcp, sharded_zarr  # noqa: F401  (imports outside the measurement)
+    from caiman_asr_train.export.sharded_averaging import average_sharded
+
+    reset = reset_peak()
+    before = status_kb("VmRSS")
+    start = time.perf_counter()
+    average_sharded(paths, output, log=lambda line: None)
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "increase_bytes": (status_kb("VmHWM") - before) * 1024,
+                "baseline_bytes": before * 1024,
+                "hwm_reset": reset,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--work_dir",
+        default=None,
+        help="where to write the checkpoints (default: the system temporary directory)",
+    )
+    parser.add_argument(
+        "--formats", nargs="+", default=["zarr", "dcp"], choices=["zarr", "dcp"], help="layouts to measure"
+    )
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=[2, 5], help="numbers of checkpoints to average"
+    )
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1:])
+        return
+    print(f"torch {torch.__version__}; the machine may be shared, so times vary with its load", flush=True)
+    for fmt in args.formats:
+        with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="sharded-averaging-bench-") as tmp:
+            root = Path(tmp)
+            paths, largest = make_checkpoints(root, fmt, max(args.counts))
+            read = min(read_one(paths[0], fmt) for _ in range(3))
+            print(f"  reading one {fmt} checkpoint: {read:.3f} s (best of 3)")
+            print(
+                f"  {'N':>2} {'average s':>9} {'time ratio':>10} {'RSS increase':>13} {'/ largest chunk':>15} {'baseline':>9}"
+            )
+            for n in args.counts:
+                output = root / f"averaged-{n}"
+                result = subprocess.run(
+                    [sys.executable, __file__, "--worker", str(output), *map(str, paths[:n])],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                r = json.loads(result.stdout.strip().splitlines()[-1])
+                shutil.rmtree(output)
+                print(
+                    f"  {n:>2} {r['seconds']:>9.3f} {r['seconds'] / (n * read):>10.2f} "
+                    f"{r['increase_bytes'] / 1e6:>10.1f} MB {r['increase_bytes'] / largest:>15.2f} "
+                    f"{r['baseline_bytes'] / 1e6:>6.0f} MB"
+                    + ("" if r["hwm_reset"] else "  (VmHWM not resettable)"),
+                    flush=True,
+                )
+    print("\ntargets: memory ratio <= 4 and flat in N; time ratio <= 1.5")
+
+
+if __name__ == "__main__":
+    main()
