@@ -16,7 +16,8 @@ artefact (ONNX Runtime: ``runtime.Recognizer``, one thread; PyTorch: the
   weight tensors of the checkpoint (values and scales); tokenizer, n-gram and
   the features graph are excluded
 - WER and its change in absolute points against the same target in float32
-- speed: float32 decode time / this artefact's decode time (above 1 is faster)
+- speed: float32 decode time / this artefact's decode time (above 1 is faster;
+  a ``*.q.pt`` is dequantized when loaded, so PyTorch decodes at float speed)
 
 and checks the targets: int8_per_channel within 0.5 WER points of float32 at
 <= 0.30x its bytes; int4_blockwise at <= 0.17x.
