@@ -2,7 +2,7 @@
 
 ``int8_per_channel`` maps onto ONNX Runtime's dynamic quantizer, which also
 quantizes activations on the fly and runs integer kernels (2x the float
-encoder's speed on the demo model):
+encoder's speed at the demo size):
 
 - ``MatMul`` -> ``MatMulInteger`` with per-output-column symmetric weights,
   stored as uint8 with zero point 128 (scale ``max|w| / 127.5``) so that x86
@@ -16,9 +16,10 @@ encoder's speed on the demo model):
 Every other weight, and every weight of the other types, becomes an int8/int4
 initializer read through ``DequantizeLinear`` with ``block_size`` along the
 weight's input axis, values and scales from ``deploy.quantize.quantize``
-(exactly SPEC section 13). ONNX Runtime fuses int4 ``DequantizeLinear ->
-MatMul`` into ``MatMulNBits``; the rest is dequantized on every run unless the
-session folds it at load (session config ``session.disable_quant_qdq`` = 1:
+(exactly SPEC section 13). ONNX Runtime fuses each ``DequantizeLinear ->
+MatMul`` pair into ``MatMulNBits`` at load; the LSTM weights are dequantized on
+every run (a tenth of the float encoder's speed at the demo size) unless the
+session folds them at load (session config ``session.disable_quant_qdq`` = 1:
 float speed, float weights in memory). Blocked ``DequantizeLinear`` and int4
 need opset 21, so graphs of an older opset are converted first; the
 conversion changes no float result.
