@@ -33,12 +33,20 @@ caiman_bootstrap
 setup_s=$((SECONDS - started))
 
 demo=1
+help=0
 for arg in "$@"; do
     case "$arg" in
         --model_config|--model_config=*) demo=0 ;;
-        -h|--help) exec "$PY" -m caiman_asr_train.train --help ;;
+        -h|--help) help=1 ;;
     esac
 done
+if [ "$help" = 1 ]; then
+    # The help shows the values a run with these arguments uses: the demo's unless --model_config is given.
+    if [ "$demo" = 1 ]; then
+        exec "$PY" -m caiman_asr_train.train "${DEMO_ARGS[@]}" "$@"
+    fi
+    exec "$PY" -m caiman_asr_train.train "$@"
+fi
 
 data_s=0
 extra=()

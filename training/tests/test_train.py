@@ -24,7 +24,7 @@ import sentencepiece as spm
 import soundfile
 import torch
 
-from caiman_asr_train import train
+from caiman_asr_train import train, val
 from caiman_asr_train.core.decoder import greedy_decode
 from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
@@ -32,6 +32,8 @@ from caiman_asr_train.data.dataset import collate
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
+from caiman_asr_train.export.hardware_ckpt import inference_only_config
+from caiman_asr_train.rnnt import config
 from caiman_asr_train.train_utils.distributed import DistInfo
 
 pytestmark = pytest.mark.filterwarnings("ignore:the EMA weights match no FPGA")
@@ -392,3 +394,67 @@ def test_fine_tune_loads_weights_and_ema_with_a_fresh_schedule(corpus, tmp_path)
         dict(trainer.ema_model.state_dict()), dict(source["ema_state_dict"]), "ema_state_dict"
     )
     trainer.log.close()
+
+
+def test_the_run_records_its_config_and_exports_it_even_when_the_yaml_is_edited_mid_run(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    live = corpus.root / "live.yaml"
+    live.write_text(corpus.config.read_text())
+    original = config.load(live)
+    validate = train.Trainer.validate
+
+    def validate_then_edit_the_yaml(self):
+        wer = validate(self)
+        edited = corpus.config.read_text().replace("joint_n_hid: 24", "joint_n_hid: 32")
+        live.write_text(edited.replace("normalize: per_feature", "normalize: none"))
+        return wer
+
+    monkeypatch.setattr(train.Trainer, "validate", validate_then_edit_the_yaml)
+    out = tmp_path / "run"
+    args = run_args(corpus, out, "--training_steps", "2")
+    args[args.index("--model_config") + 1] = str(live)
+    assert train.main(args) == 0
+    monkeypatch.undo()
+
+    last = read_checkpoint(out / "RNN-T_last_checkpoint.pt")
+    assert last["config"] == original and last["model_config"]["joint_n_hid"] == 24
+    assert set(last["asset_sha256"]) == {"sentpiece_model", "melmeans.pt", "melvars.pt"}
+    hw = read_checkpoint(out / "RNN-T_last_checkpoint.hw.pt")
+    assert hw["rnnt_config"] == inference_only_config(original)
+    assert "hardware checkpoint written" in (out / "train.log").read_text()
+    # The saved copy has absolute paths, so it loads from any directory.
+    assert config.load(out / "model_config.yaml") == original
+    # val.py takes the model from the checkpoint's recorded config, not from the edited YAML.
+    capsys.readouterr()
+    argv = ["--ckpt", str(out / "RNN-T_last_checkpoint.pt"), "--dataset_dir", str(corpus.root)]
+    argv += ["--val_manifests", "dev.json", "--output_dir", str(tmp_path / "val"), "--device", "cpu"]
+    assert val.main(argv) == 0
+    assert capsys.readouterr().out.startswith("Word Error Rate: ")
+
+
+def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(run_args(corpus, out, "--training_steps", "2", "--optimizer", "adamw")) == 0
+    good = (out / "RNN-T_last_checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    # A learning rate near the float32 maximum makes the next loss Inf or NaN.
+    too_high = ("--lr", "1e37", "--min_lr", "1e36")
+    status = train.main(run_args(corpus, out, "--training_steps", "8", "--optimizer", "adamw", "--resume", *too_high))
+    assert status == 1
+    captured = capsys.readouterr()
+    assert re.search(r"resumed from .* at step 2 \(best WER \d+\.\d\d%\)", captured.out)
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "became NaN or Inf" in errors[0] and "intact" in errors[0]
+    assert errors[0] in (out / "train.log").read_text()
+    assert (out / "RNN-T_last_checkpoint.pt").read_bytes() == good
+    assert sorted(p.name for p in out.glob("RNN-T_step*")) == ["RNN-T_step2_checkpoint.pt"]
+
+
+def test_help_shows_the_values_the_other_arguments_give(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--lr", "0.25", "--skip_ngram", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (default: 0.25)" in out
+    assert "export hardware checkpoints without the n-gram (default: True)" in out

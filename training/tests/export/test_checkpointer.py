@@ -1,6 +1,8 @@
 """Training checkpoints: SPEC section 8 contents, crash safety, retention, resume and safe loading."""
 
+import dataclasses
 import enum
+import hashlib
 import os
 import pickle
 import random
@@ -15,7 +17,14 @@ import torch
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export import checkpointer as checkpointer_module
-from caiman_asr_train.export.checkpointer import Checkpointer, read_checkpoint
+from caiman_asr_train.export.checkpointer import (
+    Checkpointer,
+    asset_sha256,
+    is_training_checkpoint,
+    load_weights,
+    read_checkpoint,
+    recorded_config,
+)
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
 
@@ -331,3 +340,25 @@ def test_only_rank_zero_writes_under_torch_distributed(tmp_path):
     assert (results / "rank1").read_text() == "None True"
     assert [p.name for p in run.iterdir()] == ["RNN-T_step7_checkpoint.pt"]
     assert list(torch.load(run / "RNN-T_step7_checkpoint.pt", weights_only=True)["state_dict"]) == ["weight", "bias"]
+
+
+def test_a_checkpoint_describes_its_own_model_config_and_assets(export_env):
+    hashes = asset_sha256(export_env.cfg)
+    path = export_env.save(export_env.dir / "described.pt", config=export_env.cfg, asset_sha256=hashes)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["model_config"] == dataclasses.asdict(export_env.model.config)
+    assert ckpt["config"] == export_env.cfg and recorded_config(ckpt) == export_env.cfg
+    assert hashes["sentpiece_model"] == hashlib.sha256(export_env.spm_path.read_bytes()).hexdigest()
+    assert set(hashes) == {"sentpiece_model", "melmeans.pt", "melvars.pt"} and ckpt["asset_sha256"] == hashes
+    assert is_training_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="would overwrite"):
+        export_env.save(export_env.dir / "x.pt", model_config={})
+
+
+def test_load_weights_names_the_tensors_that_do_not_fit(export_env):
+    other = RNNT(export_env.model.config.n_classes + 3, **config.rnnt(export_env.cfg))
+    with pytest.raises(CheckpointError) as error:
+        load_weights(other, export_env.model.state_dict(), source="run.pt [state_dict]", hint="use the right config")
+    message = str(error.value)
+    assert message.startswith("run.pt [state_dict] does not fit the model") and message.endswith("use the right config")
+    assert "joint_net.2.weight is [41, 10] in the file, [44, 10] in the model" in message and "\n" not in message

@@ -16,8 +16,9 @@ import torch
 from caiman_asr_train.export.model_schema import SCHEMA_DIR, state_dict_schema
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
+from caiman_asr_train.utils.paths import REPO_ROOT
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = REPO_ROOT / "training/configs"
 VARIANTS = {"base": ("base-8703sp.yaml", 8703), "large": ("large-17407sp.yaml", 17407)}
 
 
