@@ -34,7 +34,13 @@ import torch
 from caiman_asr_train.core.load_hw import read_checkpoint
 from caiman_asr_train.deploy.onnxruntime_bundle import HW_TEXT
 from caiman_asr_train.deploy.quantize import MODEL_GRAPHS, QUANTIZE_TYPES, quantized_weight_bytes
-from caiman_asr_train.export.inference import HW_FILE, QUANTIZED_FILE, export_inference, pytorch_transcriber
+from caiman_asr_train.export.inference import (
+    HW_FILE,
+    QUANTIZED_FILE,
+    export_inference,
+    load_source,
+    pytorch_transcriber,
+)
 from caiman_asr_train.runtime.evaluate import evaluate_transcriber
 from caiman_asr_train.runtime.recognizer import Recognizer
 
@@ -62,7 +68,14 @@ def transcriber(target: str, directory: Path) -> Callable:
 def measure(args: argparse.Namespace, hw: dict, target: str, quantize_type, work: Path) -> dict:
     """Export, then decode the manifest once: bytes, WER (fraction) and decode seconds."""
     directory = work / f"{target}-{quantize_type or 'fp32'}"
-    export_inference(args.ckpt, target, directory, quantize_type=quantize_type, block_size=args.block_size)
+    export_inference(
+        args.ckpt,
+        target,
+        directory,
+        quantize_type=quantize_type,
+        block_size=args.block_size,
+        config=args.config,
+    )
     transcribe = transcriber(target, directory)
     features = hw["rnnt_config"]["input_val"]["filterbank_features"]
     start = time.perf_counter()
@@ -87,7 +100,14 @@ def parse_args() -> argparse.Namespace:
         "--ckpt",
         type=Path,
         default=REPO_ROOT / "results/RNN-T_best_checkpoint.hw.pt",
-        help="hardware checkpoint to quantize (default: results/RNN-T_best_checkpoint.hw.pt in the repository)",
+        help="hardware or training checkpoint to quantize "
+        "(default: results/RNN-T_best_checkpoint.hw.pt in the repository)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config of a training checkpoint (default: the one it recorded)",
     )
     parser.add_argument(
         "--manifest",
@@ -110,7 +130,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    hw = read_checkpoint(args.ckpt)
+    hw = load_source(args.ckpt, args.config)
     rows = []
     with tempfile.TemporaryDirectory(prefix="quantization-") as scratch:
         for target in TARGETS:
