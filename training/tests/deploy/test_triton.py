@@ -17,6 +17,7 @@ from caiman_asr_train.deploy.triton import (
     validate_triton_repository,
     write_triton_target,
 )
+from caiman_asr_train.export.inference import export_inference
 
 HIDDEN, FEATS = 3, 4
 
@@ -172,3 +173,32 @@ def test_graph_signature_reads_symbolic_dimensions_as_minus_one(bundle):
         ("pre_c", (1, -1, HIDDEN)),
     ]
     assert [t.name for t in outputs] == ["out", "pre_h_out", "pre_c_out"]
+
+
+def test_the_real_onnxruntime_bundle_becomes_a_valid_repository_whose_states_stream(tiny_hw, tmp_path):
+    export_inference(tiny_hw.hw_path, "onnxruntime", tmp_path / "bundle")
+    write_triton_target(tmp_path / "bundle", tmp_path / "triton")
+
+    repository = tmp_path / "triton/model_repository"
+    assert validate_triton_repository(repository) == ["encoder", "features", "joint", "predictor"]
+    assert (tmp_path / "triton/client/tokenizer.model").is_file()
+    config = read_config(repository / "encoder/config.pbtxt")
+    assert {s.input_name for s in config.sequence_batching.state} == {"pre_h", "pre_c", "post_h", "post_c"}
+    assert not read_config(repository / "features/config.pbtxt").HasField("sequence_batching")
+    # Two 6-frame chunks with the state carried as Triton carries it equal one 12-frame call.
+    session = ort.InferenceSession(
+        str(repository / "encoder/1/model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    zeros = {
+        s.input_name: np.zeros(s.initial_state[0].dims, np.float32) for s in config.sequence_batching.state
+    }
+    n_filt = tiny_hw.features["n_filt"]
+    features = np.random.default_rng(0).standard_normal((1, n_filt, 12)).astype(np.float32)
+    names = [o.name for o in session.get_outputs()]
+    first = dict(zip(names, session.run(None, {"features": features[:, :, :6], **zeros})))
+    carried = {s.input_name: first[s.output_name] for s in config.sequence_batching.state}
+    second = session.run(["encoder_out"], {"features": features[:, :, 6:], **carried})[0]
+    whole = session.run(["encoder_out"], {"features": features, **zeros})[0]
+    np.testing.assert_allclose(
+        np.concatenate([first["encoder_out"], second], axis=1), whole, rtol=1e-4, atol=1e-5
+    )
