@@ -1,13 +1,18 @@
 """Training logs: console progress, a log file and TensorBoard scalars in the output directory.
 
-Only rank 0 logs; on other ranks every method is a no-op.
+Only rank 0 logs; on other ranks every method is a no-op. While a logger is
+open on rank 0, warnings go to stderr and ``train.log`` as one line each, so
+the log holds everything the console shows.
 """
 
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
+
+from caiman_asr_train.utils.cli import format_warning
 
 LOG_FILE = "train.log"
 TENSORBOARD_DIR = "tensorboard"
@@ -38,6 +43,7 @@ class TrainLogger:
         self.enabled = enabled
         self._writer = None
         self._log_file: Optional[logging.FileHandler] = None
+        self._previous_showwarning = warnings.showwarning
         self._logger = logging.getLogger("caiman_asr_train.train")
         if not enabled:
             return
@@ -53,6 +59,7 @@ class TrainLogger:
         self._logger.addHandler(console)
         self._logger.addHandler(log_file)
         self._log_file = log_file
+        warnings.showwarning = self._show_warning
         # Imported here: it pulls in tensorboard, which other ranks never need.
         from torch.utils.tensorboard import SummaryWriter
 
@@ -69,6 +76,10 @@ class TrainLogger:
         print(message, file=sys.stderr, flush=True)
         if self._log_file is not None:
             self._log_file.handle(self._logger.makeRecord(self._logger.name, logging.ERROR, "", 0, message, None, None))
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """``warnings.showwarning`` while open: one ``warning:`` line on stderr and in ``train.log``."""
+        self.error(format_warning(message, category, filename, lineno, line).rstrip("\n"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars at ``step`` (names such as ``train/loss``)."""
@@ -87,6 +98,8 @@ class TrainLogger:
         for handler in list(self._logger.handlers):
             self._logger.removeHandler(handler)
             handler.close()
+        if self._log_file is not None:
+            warnings.showwarning = self._previous_showwarning
         self._log_file = None
 
 
