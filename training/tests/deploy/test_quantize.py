@@ -47,7 +47,7 @@ def test_blockwise_scales_and_errors_are_at_most_per_channel_ones_on_the_same_te
     w = weights()
     _, channel_scale = quantize(w, 8, None, axis=1)
     for bits in (8, 4):
-        q, scale = quantize(w, bits, 64, axis=1)
+        _, scale = quantize(w, bits, 64, axis=1)
         assert scale.shape == (16, 5)  # 300 = 4 blocks of 64 + one of 44
         assert bool((scale <= channel_scale * 127 / (2 ** (bits - 1) - 1) + 1e-7).all())
         assert bool((error(w, bits, 64) <= scale.repeat_interleave(64, dim=1)[:, :300] / 2 + 1e-6).all())
