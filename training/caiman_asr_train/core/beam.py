@@ -297,11 +297,11 @@ class BeamSearch:
         ]
         active = [u for u in utts if u.result is None]
         while active:
-            # Joint outputs for every input hypothesis not scored yet at its utterance's frame, in one
-            # call: the log-probabilities of a hypothesis depend only on its tokens and the frame, so
-            # scoring the whole input set ahead lets each utterance expand several hypotheses per
-            # step, in the same best-first order as one at a time.
-            requests = [(u, h.node) for u in active for h in u.inputs.values() if h.node not in u.rows]
+            # Joint outputs for the likeliest input hypotheses not scored yet at their utterance's
+            # frame, in one call: the log-probabilities of a hypothesis depend only on its tokens and
+            # the frame, so scoring several ahead lets each utterance expand several per step, in the
+            # same best-first order as one at a time.
+            requests = [(u, node) for u in active for node in self._to_score(u)]
             if requests:
                 nodes = [n for _, n in requests]
                 store.compute(nodes)
@@ -364,6 +364,21 @@ class BeamSearch:
                 store.text[node],
                 _Hyp(score, node, hyp.length + 1, hyp.symbols + 1, lm_state, kw_state),
             )
+
+    def _to_score(self, u: _Utterance) -> list[int]:
+        """Nodes of the (at most 2 x beam_width) best unscored inputs that could still be expanded this frame.
+
+        An input no better than the beam_width-th best kept hypothesis never will be: kept scores
+        only grow, and the frame ends once beam_width of them beat the best input.
+        """
+        width = self.options.beam_width
+        floor = -math.inf
+        if len(u.kept) >= width:
+            floor = sorted((h.score for h in u.kept.values()), reverse=True)[width - 1]
+        waiting = [h for h in u.inputs.values() if h.node not in u.rows and h.score >= floor]
+        if len(waiting) > 2 * width:
+            waiting = sorted(waiting, key=lambda h: h.score, reverse=True)[: 2 * width]
+        return [h.node for h in waiting]
 
     def _frame_over(self, u: _Utterance) -> bool:
         if not u.inputs:
