@@ -91,13 +91,14 @@ class HardwareExportCallback:
                 ctx.log(f"hardware export: {ckpt} does not exist (no validation improved on it); skipped")
                 continue
             output = hw_path(ckpt)
+            # Checkpoints saved before they recorded their config are exported with the run's.
             config = None
             try:
                 if recorded_config(read_checkpoint(ckpt, mmap=True)) is None:
                     config = ctx.config_path
                 hw = hardware_ckpt.create_hardware_ckpt(
                     ckpt,
-                    ctx.config if config is not None and ctx.config is not None else config,
+                    None if config is None else (ctx.config or config),
                     skip_ngram=self.skip_ngram,
                     skip_state_dict_check=self.skip_state_dict_check,
                 )

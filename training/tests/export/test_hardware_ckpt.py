@@ -15,6 +15,7 @@ from caiman_asr_train.core.errors import HardwareCheckpointError, UserError
 from caiman_asr_train.core.export_schema import RNNTInferenceConfigSchema
 from caiman_asr_train.core.model import RNNT, ConfigRNNT
 from caiman_asr_train.export import hardware_ckpt
+from caiman_asr_train.export.checkpointer import asset_sha256, is_training_checkpoint, read_checkpoint
 from caiman_asr_train.export.hardware_ckpt import (
     create_hardware_ckpt,
     fpga_variant,
@@ -23,8 +24,9 @@ from caiman_asr_train.export.hardware_ckpt import (
     is_hardware_checkpoint,
     save_hardware_ckpt,
 )
-from caiman_asr_train.export.checkpointer import asset_sha256, is_training_checkpoint
 from caiman_asr_train.export.model_schema import CheckpointNotSupportedError
+from caiman_asr_train.train_utils.callbacks import FinalizeContext, HardwareExportCallback, shown_path
+from caiman_asr_train.train_utils.distributed import DistInfo
 from caiman_asr_train.utils.cli import run_cli
 
 # The tiny test model is not an FPGA variant; one test checks that warning explicitly.
@@ -319,3 +321,23 @@ def test_a_config_whose_in_feats_does_not_fit_the_features_is_refused(export_env
     cfg = {**export_env.cfg, "rnnt": {**export_env.cfg["rnnt"], "in_feats": 23}}
     with pytest.raises(HardwareCheckpointError, match=r"in_feats \(23\) must equal .*\(8 \* 3 = 24\)"):
         create_hardware_ckpt(export_env.ckpt_path, cfg, skip_state_dict_check=True)
+
+
+def test_the_finalize_export_uses_each_checkpoints_recorded_config_else_the_runs(export_env, capsys):
+    described = self_describing(export_env)
+    # The YAML on disk changes after training; only the old-layout checkpoint may use the run's config.
+    export_env.config_path.write_text(export_env.config_path.read_text().replace("enc_n_hid: 16", "enc_n_hid: 32"))
+    lines = []
+    ctx = FinalizeContext(
+        best_path=described,
+        last_path=export_env.ckpt_path,
+        config_path=export_env.config_path,
+        dist=DistInfo(),
+        reason="finished",
+        config=export_env.cfg,
+        log=lines.append,
+    )
+    HardwareExportCallback(skip_ngram=True, skip_state_dict_check=True)(ctx)
+    assert lines == [f"hardware checkpoint written: {shown_path(hw_path(p))}" for p in (described, export_env.ckpt_path)]
+    for path in (described, export_env.ckpt_path):
+        assert read_checkpoint(hw_path(path))["rnnt_config"] == inference_only_config(export_env.cfg)
