@@ -34,7 +34,7 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ExportError
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 
 __all__ = [
@@ -71,7 +71,7 @@ _TRITON_TYPES = {
 }
 
 
-class TritonRepositoryError(UserError):
+class TritonRepositoryError(ExportError):
     """A bundle cannot become a Triton repository, or a repository does not match its graphs."""
 
 

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ExportError
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import hw_path
 from caiman_asr_train.utils.atomic import atomic_write_bytes
@@ -50,7 +50,6 @@ from caiman_asr_train.utils.cli import run_cli
 __all__ = [
     "MANIFEST_NAME",
     "SERVERS",
-    "ConversionError",
     "Source",
     "build_parser",
     "convert",
@@ -73,14 +72,10 @@ _EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
 _CHUNK = 1 << 20
 
 
-class ConversionError(UserError):
-    """A conversion cannot start: bad arguments, or an input that is missing or empty."""
-
-
 class _Parser(argparse.ArgumentParser):
     # Usage mistakes are one line and exit 2, like every other UserError.
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConversionError(f"{message} (see --help)")
+        raise ExportError(f"{message} (see --help)")
 
 
 @dataclass(frozen=True)
@@ -177,13 +172,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the arguments; ``servers`` is the list of targets, ``quantize_type`` None or a type.
 
     Raises:
-        ConversionError: any argument that cannot work, before anything is read or written.
+        ExportError: any argument that cannot work, before anything is read or written.
     """
     args = build_parser().parse_args(argv)
     servers = [name for part in args.inference_server for name in part.split(",") if name]
     unknown = sorted(set(servers) - set(SERVERS))
     if unknown or not servers:
-        raise ConversionError(
+        raise ExportError(
             f"--inference_server {' '.join(unknown) or '(empty)'}: unknown server; choose from {', '.join(SERVERS)}"
         )
     args.servers = list(dict.fromkeys(servers))
@@ -192,44 +187,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.quantize_type is not None:
         types = _quantize_types()
         if args.quantize_type not in types:
-            raise ConversionError(
+            raise ExportError(
                 f"--quantize_type {args.quantize_type}: unknown type; choose from {', '.join(types)}"
             )
         refusing = [s for s in args.servers if s not in QUANTIZABLE]
         if refusing:
-            raise ConversionError(
+            raise ExportError(
                 f"--inference_server {', '.join(refusing)} takes float32 weights only; drop --quantize_type "
                 "or convert that server in a separate run"
             )
         if args.block_size < 1:
-            raise ConversionError(f"--block_size {args.block_size}: must be at least 1")
+            raise ExportError(f"--block_size {args.block_size}: must be at least 1")
     if args.checkpoint_index is not None and args.checkpoint_index < 0:
-        raise ConversionError(f"--checkpoint_index {args.checkpoint_index}: must be 0 or more")
+        raise ExportError(f"--checkpoint_index {args.checkpoint_index}: must be 0 or more")
     if args.max_wer_increase < 0:
-        raise ConversionError(
+        raise ExportError(
             f"--max_wer_increase {args.max_wer_increase}: must be 0 or more (percentage points)"
         )
     if args.ckpt is not None and args.select != "best":
-        raise ConversionError("--select applies to --input_directory; --ckpt names one file")
+        raise ExportError("--select applies to --input_directory; --ckpt names one file")
     if args.dataset_dir is not None and args.verify_manifests is None:
-        raise ConversionError(
-            "--dataset_dir is only used with --verify_manifests; add the manifests to check"
-        )
+        raise ExportError("--dataset_dir is only used with --verify_manifests; add the manifests to check")
     for name in ("model_name", "version"):
         value = getattr(args, name)
         if not value or "/" in value or value in (".", ".."):
-            raise ConversionError(f"--{name} {value!r}: must be a non-empty name without '/'")
+            raise ExportError(f"--{name} {value!r}: must be a non-empty name without '/'")
     return args
 
 
 def _quantize_types() -> tuple[str, ...]:
-    try:
-        from caiman_asr_train.deploy.quantize import QUANTIZE_TYPES
-    except ImportError:
-        raise ConversionError(
-            "--quantize_type: weight quantization needs caiman_asr_train.deploy.quantize, which this "
-            "installation lacks; upgrade caiman_asr_train or drop --quantize_type"
-        ) from None
+    # Imported here so that a mistyped flag is reported without loading torch first.
+    from caiman_asr_train.deploy.quantize import QUANTIZE_TYPES
+
     return tuple(QUANTIZE_TYPES)
 
 
@@ -237,7 +226,7 @@ def filesystem(url: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and path of a local path or URL.
 
     Raises:
-        ConversionError: an unknown protocol, or an object store whose
+        ExportError: an unknown protocol, or an object store whose
             optional filesystem package is not installed (naming the extra).
     """
     try:
@@ -248,11 +237,9 @@ def filesystem(url: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:
         hint = (
             f"pip install 'caiman_asr_train[{extra}]'" if extra else "install its fsspec filesystem package"
         )
-        raise ConversionError(
-            f"{flag} {url}: the {protocol}:// filesystem is not installed; {hint}"
-        ) from None
+        raise ExportError(f"{flag} {url}: the {protocol}:// filesystem is not installed; {hint}") from None
     except ValueError as exc:
-        raise ConversionError(f"{flag} {url}: {exc}") from None
+        raise ExportError(f"{flag} {url}: {exc}") from None
     return fs, path
 
 
@@ -268,11 +255,11 @@ def select_sources(input_directory: str, select: str) -> list[Source]:
     the hardware checkpoint is taken (it is what the run exported).
 
     Raises:
-        ConversionError: the directory is missing or holds no checkpoint of the selection.
+        ExportError: the directory is missing or holds no checkpoint of the selection.
     """
     fs, path = filesystem(input_directory, "--input_directory")
     if not fs.isdir(path):
-        raise ConversionError(
+        raise ExportError(
             f"--input_directory {input_directory} is not a directory; give a training run's --output_dir"
         )
     names = {Path(entry).name for entry in fs.ls(path, detail=False)}
@@ -293,8 +280,8 @@ def select_sources(input_directory: str, select: str) -> list[Source]:
         if found is not None:
             sources.append(Source(url=_unstrip(fs, f"{path.rstrip('/')}/{found}"), label=label))
     if not sources:
-        example = wanted[0][1] if wanted else checkpointer.step_path(0).name
-        raise ConversionError(
+        example = wanted[0][1]
+        raise ExportError(
             f"--input_directory {input_directory} holds no {select} checkpoint (e.g. {example} or its .hw.pt); "
             "check the directory, or pick another --select"
         )
@@ -463,7 +450,7 @@ def convert(args: argparse.Namespace) -> list[dict]:
     (URL) and ``status`` (``written`` or ``up to date``).
 
     Raises:
-        ConversionError: nothing to convert (before any work).
+        ExportError: nothing to convert (before any work).
         UserError: an export refused its input (e.g. a WER gate failed); the
             targets finished before it keep their manifests.
     """
@@ -471,9 +458,7 @@ def convert(args: argparse.Namespace) -> list[dict]:
     if args.ckpt:
         fs, path = filesystem(args.ckpt, "--ckpt")
         if not fs.isfile(path):
-            raise ConversionError(
-                f"--ckpt {args.ckpt} not found; give a training or hardware checkpoint file"
-            )
+            raise ExportError(f"--ckpt {args.ckpt} not found; give a training or hardware checkpoint file")
         sources = [Source(args.ckpt, _training_name(Path(path).name).removesuffix(".pt"))]
     else:
         sources = select_sources(args.input_directory, args.select)
