@@ -14,7 +14,8 @@ DCP directories through ``torch.distributed.checkpoint.save``. Then averages the
     memory ratio = (peak RSS while averaging - RSS just before) / the largest chunk's bytes
                    (zarr: the largest chunk file; DCP, which is averaged a tensor at a time: the
                    largest tensor); target <= 4, the same for every N. The RSS before the
-                   averaging is the interpreter's baseline (torch, tensorstore imported).
+                   averaging is the interpreter's baseline, taken after a warm-up average of two
+                   tiny checkpoints (libraries imported and initialised).
     time ratio   = averaging time (writing the output included) / (N x time to read one
                    checkpoint with the same library); target <= 1.5.
 
@@ -152,12 +153,22 @@ def read_one(path: Path, fmt: str) -> float:
 
 
 def worker(output: str, paths: list[str]) -> None:
-    """Average ``paths`` into ``output`` in this fresh process; print seconds and the RSS increase as JSON."""
+    """Average ``paths`` into ``output`` in this fresh process; print seconds and the RSS increase as JSON.
+
+    A warm-up average of two tiny checkpoints of the same layout first brings in what the
+    libraries load and allocate on first use (thread pools, lazily imported modules), so that
+    the baseline is the interpreter's with the libraries ready, not part of the increase.
+    """
     from memory_probe import reset_peak, status_kb
 
-    from caiman_asr_train.export import sharded_dcp, sharded_zarr  # noqa: F401  (imports outside the measurement)
-    from caiman_asr_train.export.sharded_averaging import average_sharded
+    from caiman_asr_train.export.sharded_averaging import average_sharded, sharded_format
 
+    fmt = sharded_format(paths[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = [Path(tmp) / f"tiny-step={i}" for i in (1, 2)]
+        for path in tiny:
+            (write_zarr if fmt == "zarr" else write_dcp)(path, {"w": torch.ones(4, 4, dtype=torch.bfloat16)})
+        average_sharded(tiny, Path(tmp) / "out", log=lambda line: None)
     reset = reset_peak()
     before = status_kb("VmRSS")
     start = time.perf_counter()

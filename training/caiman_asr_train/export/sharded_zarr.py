@@ -157,7 +157,7 @@ def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weight
             result = _average_decoded(used, key, region, buffer)
         else:
             result = _average_raw(used, key, name, meta, region, read, buffer)
-        if not bool(torch.isfinite(result).all()):
+        if result is None:
             bad = next(p for p, _ in used if not bool(torch.isfinite(_read_region(p / key, region)).all()))
             raise non_finite_error(bad, key)
         target[region].write(_to_numpy(result)).result()
@@ -199,10 +199,11 @@ def _average_raw(
     region: tuple[slice, ...],
     read: Callable[[int, int, int], torch.Tensor],
     buffer: torch.Tensor,
-) -> torch.Tensor:
+) -> Optional[torch.Tensor]:
     """One chunk, read straight from every input's chunk file one cache-sized slice at a time.
 
-    Memory: the output chunk and a few slices, whatever the number of inputs.
+    Memory: the output chunk and a few slices, whatever the number of inputs. None when
+    the sum is not finite (the caller finds the input at fault).
     """
     full = meta["chunks"] or []
     count = math.prod(full)
@@ -216,28 +217,38 @@ def _average_raw(
                     f"{path}: array '{key}' chunk '{name}' has {os.fstat(fd).st_size} bytes, not "
                     f"{count * out.element_size()}; the checkpoint is damaged, re-copy or re-save it"
                 )
+        finite = True
         for start in range(0, count, SLICE):
             end = min(start + SLICE, count)
             for i, ((_, weight), fd) in enumerate(zip(used, fds)):
                 add_weighted(total[: end - start], read(fd, start, end), weight, i == 0, buffer)
+            # Checked here, while the slice is in the cache; the region is checked only if this fails.
+            finite = finite and bool(torch.isfinite(total[: end - start]).all())
             round_into(out[start:end], total[: end - start])
     finally:
         for fd in fds:
             os.close(fd)
-    # An edge chunk's file holds the whole chunk; the array has only the region's part of it.
-    return out.view(full)[tuple(slice(0, r.stop - r.start) for r in region)] if full else out.view(())
+    # An edge chunk's file holds the whole chunk; the array has only the region's part of it,
+    # and whatever the padding holds does not count.
+    result = out.view(full)[tuple(slice(0, r.stop - r.start) for r in region)] if full else out.view(())
+    return result if finite or bool(torch.isfinite(result).all()) else None
 
 
 def _average_decoded(
     used: list[tuple[Path, float]], key: str, region: tuple[slice, ...], buffer: torch.Tensor
-) -> torch.Tensor:
-    """One chunk of compressed or filtered arrays: each input's chunk decoded by tensorstore in turn."""
+) -> Optional[torch.Tensor]:
+    """One chunk of compressed or filtered arrays, each input's chunk decoded by tensorstore in turn.
+
+    None when the sum is not finite (the caller finds the input at fault).
+    """
     total = None
     for i, (path, weight) in enumerate(used):
         piece = _read_region(path / key, region)
         if total is None:
             total = torch.empty(piece.numel(), dtype=torch.float64)
         add_weighted(total, piece.reshape(-1), weight, i == 0, buffer)
+    if not bool(torch.isfinite(total).all()):
+        return None
     out = torch.empty(piece.shape, dtype=piece.dtype)
     round_into(out.view(-1), total)
     return out
