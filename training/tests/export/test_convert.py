@@ -71,9 +71,13 @@ def check_target(fs: fsspec.AbstractFileSystem, target: str, source_bytes: bytes
     return manifest
 
 
-@pytest.mark.parametrize("scheme", ["local", "memory"])
+@pytest.mark.parametrize("scheme", ["local", "file", "memory"])
 def test_every_target_is_written_with_a_manifest_of_its_files_and_source(run_dir, tmp_path, scheme):
-    output = str(tmp_path / "out") if scheme == "local" else f"memory://convert-{os.getpid()}/out"
+    output = {
+        "local": str(tmp_path / "out"),
+        "file": f"file://{tmp_path}/out",
+        "memory": f"memory://convert-{os.getpid()}/out",
+    }[scheme]
     assert (
         convert(
             "--input_directory",
@@ -101,10 +105,11 @@ def test_every_target_is_written_with_a_manifest_of_its_files_and_source(run_dir
         name.endswith(".hw.pt")
         for name in json.loads(fs.cat_file(f"{root}/demo/7/myrtle-fpga/manifest.json"))["files"]
     )
-    if scheme == "local":
-        assert validate_triton_repository(tmp_path / "out/demo/7/triton/model_repository")
+    if scheme == "memory":
+        fs.rm(root, recursive=True)
     else:
-        fs.rm(f"{root}", recursive=True)
+        assert validate_triton_repository(tmp_path / "out/demo/7/triton/model_repository")
+        assert not list((tmp_path / "out").rglob(".*")), "partial directories left behind"
 
 
 def test_a_rerun_skips_every_target_and_rewrites_nothing(run_dir, tmp_path, capsys):
