@@ -4,6 +4,7 @@ import importlib.util
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import kenlm
@@ -100,3 +101,22 @@ def test_a_missing_ngram_file_is_named(tmp_path):
 def test_a_negative_scale_factor_is_refused(y_ngram):
     with pytest.raises(UserError, match="scale factor must be >= 0"):
         NgramScorer.from_path(y_ngram, -0.1)
+
+
+def test_user_tokens_are_not_scored_by_the_ngram(y_ngram):
+    # The acoustic model prefers token 2; the n-gram has never seen it. As "<EOS>" (a user token)
+    # it is not scored and stays; as an ordinary piece the n-gram's penalty replaces it with "▁y".
+    model = beam_models.table_model(3, {None: {Z: 0.6, Y: 0.2, BLANK: 0.2}, Y: {BLANK: 1.0}, Z: {BLANK: 1.0}})
+    x, lens = beam_models.silence(2)
+    options = BeamOptions(temperature=1.0)
+    scorer = NgramScorer.from_path(y_ngram, 1.0)
+    user = BeamSearch(model, ["\u2581x", "\u2581y", "<EOS>"], options, ngram=scorer, user_tokens=[Z])(x, lens)
+    plain = BeamSearch(model, ["\u2581x", "\u2581y", "\u2581q"], options, ngram=scorer)(x, lens)
+    assert (user, plain) == ([[Z]], [[Y]])
+
+
+def test_missing_kenlm_module_names_the_fix(y_ngram, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kenlm", None)  # what `import kenlm` sees when it is not installed
+    with pytest.raises(UserError, match="pip install ufal-kenlm") as error:
+        NgramScorer.from_bytes(y_ngram.read_bytes(), 0.1, "best.hw.pt")
+    assert "\n" not in str(error.value)
