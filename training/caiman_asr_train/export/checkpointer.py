@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from caiman_asr_train.core.errors import CheckpointError
+from caiman_asr_train.core.features import STATS_FILES
 from caiman_asr_train.core.load_hw import is_hardware_checkpoint, read_checkpoint
 from caiman_asr_train.utils.atomic import atomic_torch_save
 
@@ -57,6 +58,7 @@ __all__ = [
     "read_checkpoint",
     "recorded_config",
     "to_plain",
+    "training_checkpoint",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -74,8 +76,6 @@ TRAINING_CHECKPOINT_KEYS = (
 )
 # What a checkpoint records about itself (module docstring).
 SELF_DESCRIPTION_KEYS = ("config_path", "model_config", "config", "asset_sha256")
-# The mel statistics a hardware checkpoint embeds, inside input_val.filterbank_features.stats_path.
-EMBEDDED_STATS_FILES = ("melmeans.pt", "melvars.pt")
 
 
 def _distributed() -> bool:
@@ -178,13 +178,13 @@ def recorded_config(ckpt: Mapping) -> Optional[dict]:
 def asset_files(cfg: Mapping) -> dict[str, Path]:
     """The files whose bytes a hardware checkpoint built from ``cfg`` embeds: name -> path.
 
-    Names: ``sentpiece_model`` and the ``EMBEDDED_STATS_FILES`` of
-    ``input_val.filterbank_features.stats_path`` (when set).
+    Names: ``sentpiece_model`` and the mel statistics files (``STATS_FILES``)
+    of ``input_val.filterbank_features.stats_path`` (when set).
     """
     files = {"sentpiece_model": Path(cfg["tokenizer"]["sentpiece_model"])}
     stats_path = cfg["input_val"]["filterbank_features"].get("stats_path")
     if stats_path:
-        files.update((name, Path(stats_path) / name) for name in EMBEDDED_STATS_FILES)
+        files.update((name, Path(stats_path) / name) for name in STATS_FILES)
     return files
 
 
