@@ -1,6 +1,7 @@
 """The batch converter over real tiny checkpoints: every target with a manifest, reruns, kills, bad arguments."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -330,3 +331,41 @@ def test_an_object_store_run_directory_is_read_and_quantized_targets_get_their_o
     assert manifest["source"]["url"] == f"memory://{remote}/RNN-T_best_checkpoint.hw.pt"
     assert manifest["options"]["quantize_type"] == "int8_per_channel"
     assert json.loads((target / "bundle.json").read_text())["quantize_type"] == "int8_per_channel"
+
+
+# Speech and a model fitted to it, from tests/deploy/conftest.py (importlib mode gives test folders no package).
+_spec = importlib.util.spec_from_file_location(
+    "_deploy_fixtures", Path(__file__).resolve().parents[1] / "deploy" / "conftest.py"
+)
+_deploy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_deploy)
+speech, tiny_hw = _deploy.speech, _deploy.tiny_hw
+
+
+def test_the_manifest_records_the_wer_gate_of_a_verified_quantized_target(tiny_hw, speech, tmp_path):
+    assert (
+        convert(
+            "--ckpt",
+            str(tiny_hw.hw_path),
+            "--inference_server",
+            "onnxruntime",
+            "--quantize_weights",
+            "--verify_manifests",
+            str(speech.manifest),
+            "--dataset_dir",
+            str(speech.dir),
+            "--max_wer_increase",
+            "100",
+            "--output_directory",
+            str(tmp_path / "out"),
+        )
+        == 0
+    )
+
+    manifest = json.loads(
+        (tmp_path / "out/caiman-asr/1/onnxruntime-int8_per_channel/manifest.json").read_text()
+    )
+    wer = manifest["wer"]
+    assert wer["manifests"] == [str(speech.manifest)] and wer["utterances"] == len(speech.texts)
+    assert 0 <= wer["pytorch"] and 0 <= wer["export"]
+    assert manifest["options"]["verify_manifests"] == [str(speech.manifest)]
