@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -493,6 +492,7 @@ def convert(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` (default: the command line), check it, convert; 0 on success."""
     args = parse_args(argv)
     convert(args)
     return 0
@@ -504,4 +504,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(sys.argv[1:]))
+    run_cli(main)
