@@ -83,6 +83,8 @@ from caiman_asr_train.utils.cli import run_cli
 from caiman_asr_train.utils.paths import REPO_ROOT
 
 MODEL_NAME = "RNN-T"
+
+
 # Default paths are relative to the repository, so ./train.sh works from any directory.
 def set_cpu_threads(args: argparse.Namespace, info: dist_utils.DistInfo) -> None:
     """Torch threads of a CPU training process: --cpu_threads, else the cores shared out over processes."""
@@ -211,7 +213,9 @@ class Trainer:
             return None
         path = Path(self.args.ckpt) if self.args.ckpt else self.checkpointer.last_checkpoint()
         if path is None:
-            raise UserError(f"--resume: no checkpoint in {self.output_dir}; pass --ckpt or start without --resume")
+            raise UserError(
+                f"--resume: no checkpoint in {self.output_dir}; pass --ckpt or start without --resume"
+            )
         return path
 
     def _build_training_data(self) -> tuple[TrainItems, BucketingSampler]:
@@ -219,7 +223,9 @@ class Trainer:
         args, inp = self.args, config.input(self.cfg, "train")
         all_train = read_entries(args.train_manifests, args.dataset_dir)
         entries = filter_train_entries(all_train, inp)
-        self.log.info(f"training utterances: {len(entries)} of {len(all_train)} (after duration/length filters)")
+        self.log.info(
+            f"training utterances: {len(entries)} of {len(all_train)} (after duration/length filters)"
+        )
         dataset = AudioDataset(
             entries,
             args.dataset_dir,
@@ -242,7 +248,9 @@ class Trainer:
     def _build_validator(self) -> Validator:
         """Greedy WER on this process's share of the dev manifests, shortest utterances first."""
         args = self.args
-        entries = sorted(read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"])
+        entries = sorted(
+            read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"]
+        )
         scoring = scoring_settings(self.cfg)
         return Validator(
             dataset=AudioDataset(
@@ -268,7 +276,9 @@ class Trainer:
         loss_module = LossModule(self.model)
         if not self.dist.distributed:
             return loss_module
-        return DistributedDataParallel(loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return DistributedDataParallel(
+            loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def _resume(self, path: Path) -> None:
         state = self.checkpointer.load(path, self.model, self.ema_model, self.optimizer)
@@ -426,7 +436,9 @@ class Trainer:
             return status
         return 0 if stop_signal is None else 128 + stop_signal
 
-    def _train_until_done_or_stopped(self, batches: TrainBatches, preemption: PreemptionHandler) -> Optional[int]:
+    def _train_until_done_or_stopped(
+        self, batches: TrainBatches, preemption: PreemptionHandler
+    ) -> Optional[int]:
         """Train to ``--training_steps`` or a stop request, then save the last checkpoint.
 
         Returns the signal number that stopped training, or None when it finished.

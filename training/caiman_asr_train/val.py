@@ -132,7 +132,12 @@ def load_hardware_checkpoint(path: Path, device: torch.device) -> Validatable:
         step=hw.step,
         kind="hardware",
         # The file keeps no audio_dataset block: the settings of every shipped config.
-        text={"normalize_transcripts": "lowercase", "labels": data["labels"], "replacements": None, "remove_tags": True},
+        text={
+            "normalize_transcripts": "lowercase",
+            "labels": data["labels"],
+            "replacements": None,
+            "remove_tags": True,
+        },
         scoring={"standardize": True, "error_rate": "word"},
     )
 
@@ -151,7 +156,10 @@ def load_for_validation(path: Path, model_config: Optional[Path], device: torch.
         target = load_training_checkpoint(path, ckpt, model_config, device)
     bad = first_non_finite(target.model.state_dict())
     if bad is not None:
-        warnings.warn(f"{path}: weight '{bad}' holds NaN or Inf (training diverged); its WER means nothing", stacklevel=2)
+        warnings.warn(
+            f"{path}: weight '{bad}' holds NaN or Inf (training diverged); its WER means nothing",
+            stacklevel=2,
+        )
     return target
 
 
@@ -211,7 +219,9 @@ def checkpoints_in(directory: Path) -> list[Path]:
     """Every ``*.pt`` file of ``directory`` (not recursive), in natural name order."""
     files = sorted((p for p in directory.iterdir() if p.is_file() and p.suffix == ".pt"), key=_natural_key)
     if not files:
-        raise CheckpointError(f"{directory}: no *.pt checkpoints in this directory; pass a file or another directory")
+        raise CheckpointError(
+            f"{directory}: no *.pt checkpoints in this directory; pass a file or another directory"
+        )
     return files
 
 
@@ -254,7 +264,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help=f"where <checkpoint>.predictions.json files go (default: {DEFAULT_OUTPUT_DIR} in the repository)",
     )
-    parser.add_argument("--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)")
+    parser.add_argument(
+        "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
+    )
     parser.add_argument(
         "--device",
         default=None,
@@ -363,7 +375,9 @@ def format_table(rows: list[tuple[str, str, str]], wer_header: str = "WER") -> s
     """Left-aligned columns file, step, WER."""
     header = ("file", "step", wer_header)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
 
 
 def cli() -> NoReturn:

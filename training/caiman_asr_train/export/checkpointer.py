@@ -150,14 +150,20 @@ def check_training_checkpoint(ckpt: Any, source: str) -> None:
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if is_hardware_checkpoint(ckpt):
-        raise CheckpointError(f"{source} is a hardware checkpoint (*.hw.pt), not a training checkpoint saved by train.py")
+        raise CheckpointError(
+            f"{source} is a hardware checkpoint (*.hw.pt), not a training checkpoint saved by train.py"
+        )
     for key in TRAINING_CHECKPOINT_KEYS:
         if key not in ckpt:
-            raise CheckpointError(f"{source}: key '{key}' is missing; use a training checkpoint saved by train.py")
+            raise CheckpointError(
+                f"{source}: key '{key}' is missing; use a training checkpoint saved by train.py"
+            )
     for key in ("state_dict", "ema_state_dict"):
         weights = ckpt[key]
         if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-            raise CheckpointError(f"{source}: '{key}' is not a dict of tensors; use a training checkpoint saved by train.py")
+            raise CheckpointError(
+                f"{source}: '{key}' is not a dict of tensors; use a training checkpoint saved by train.py"
+            )
 
 
 def is_training_checkpoint(ckpt: Any) -> bool:
@@ -393,7 +399,9 @@ class Checkpointer:
             warnings.warn(f"skipping {path}: {exc}", stacklevel=3)
             return None
         if isinstance(step, bool) or not isinstance(step, int):
-            warnings.warn(f"skipping {path}: it has no integer 'step'; not a training checkpoint", stacklevel=3)
+            warnings.warn(
+                f"skipping {path}: it has no integer 'step'; not a training checkpoint", stacklevel=3
+            )
             return None
         return step
 
@@ -422,15 +430,23 @@ class Checkpointer:
         targets = [("state_dict", model)] + ([("ema_state_dict", ema_model)] if ema_model is not None else [])
         for key, module in targets:
             if not isinstance(checkpoint.get(key), Mapping):
-                raise CheckpointError(f"checkpoint {path}: key '{key}' is missing; it is not a training checkpoint")
-            self.load_reports[key] = load_weights(module, checkpoint[key], strict=strict, source=f"{path} [{key}]")
+                raise CheckpointError(
+                    f"checkpoint {path}: key '{key}' is missing; it is not a training checkpoint"
+                )
+            self.load_reports[key] = load_weights(
+                module, checkpoint[key], strict=strict, source=f"{path} [{key}]"
+            )
         if optimizer is not None:
             state = checkpoint.get("optimizer")
             complete = all(report.complete for report in self.load_reports.values())
             if state is None:
-                warnings.warn(f"checkpoint {path} has no optimizer state; the optimizer starts afresh", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {path} has no optimizer state; the optimizer starts afresh", stacklevel=2
+                )
             elif not complete:
-                warnings.warn(f"{path}: weights loaded partially, so the optimizer state is not loaded", stacklevel=2)
+                warnings.warn(
+                    f"{path}: weights loaded partially, so the optimizer state is not loaded", stacklevel=2
+                )
             else:
                 try:
                     optimizer.load_state_dict(state)
@@ -520,9 +536,7 @@ def load_weights(
     own = module.state_dict()
     report = weights_report(own, state_dict)
     if strict and not report.complete:
-        raise CheckpointError(
-            f"{source} does not fit the model ({report.describe(own, state_dict)}); {hint}"
-        )
+        raise CheckpointError(f"{source} does not fit the model ({report.describe(own, state_dict)}); {hint}")
     module.load_state_dict({k: state_dict[k] for k in report.loaded}, strict=False)
     if not report.complete:
         warnings.warn(f"partial load of {source}: {report}", stacklevel=3)

@@ -92,7 +92,9 @@ PathLike = Union[str, Path]
 
 # The config hardware_ckpt.py falls back to for checkpoints that record none (upstream behaviour).
 DEFAULT_CONFIG = Path("training/configs/demo.yaml")
-_NGRAM_HINT = "build one with scripts/generate_ngram.sh, pass --override_ngram_path FILE, or pass --skip_ngram"
+_NGRAM_HINT = (
+    "build one with scripts/generate_ngram.sh, pass --override_ngram_path FILE, or pass --skip_ngram"
+)
 
 
 def inference_only_config(cfg_or_path: Union[dict, str, Path]) -> dict:
@@ -262,12 +264,17 @@ def save_hardware_ckpt(hw: dict, path: PathLike) -> None:
 def _float32_state_dict(weights: Mapping, source: str) -> "OrderedDict[str, torch.Tensor]":
     if not isinstance(weights, Mapping) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise HardwareCheckpointError(f"{source}: ema_state_dict is not a dict of tensors")
-    return OrderedDict((name, _own_storage(tensor.detach().to(torch.float32))) for name, tensor in weights.items())
+    return OrderedDict(
+        (name, _own_storage(tensor.detach().to(torch.float32))) for name, tensor in weights.items()
+    )
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, copied only when it is a view of a larger buffer (torch.save would write all of it)."""
-    whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    whole = (
+        tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
     return tensor if whole and tensor.is_contiguous() else tensor.clone(memory_format=torch.contiguous_format)
 
 
@@ -339,8 +346,12 @@ def _prefix_token_map(cfg: dict, n_classes: Optional[int]) -> dict:
     raw = cfg["rnnt"].get("prefix_token_map") or {}
     prefix_map = {}
     for tag, ids in raw.items():
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise HardwareCheckpointError(f"config key rnnt.prefix_token_map.{tag} must be a list of token ids")
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            raise HardwareCheckpointError(
+                f"config key rnnt.prefix_token_map.{tag} must be a list of token ids"
+            )
         out_of_range = [i for i in ids if i < 0 or (n_classes is not None and i >= n_classes - 1)]
         if out_of_range:
             raise HardwareCheckpointError(
@@ -352,8 +363,12 @@ def _prefix_token_map(cfg: dict, n_classes: Optional[int]) -> dict:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export a training checkpoint as a hardware checkpoint (*.hw.pt).")
-    parser.add_argument("--ckpt", required=True, help="training checkpoint to export (its EMA weights are used)")
+    parser = argparse.ArgumentParser(
+        description="Export a training checkpoint as a hardware checkpoint (*.hw.pt)."
+    )
+    parser.add_argument(
+        "--ckpt", required=True, help="training checkpoint to export (its EMA weights are used)"
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -361,11 +376,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         f"that record none, {DEFAULT_CONFIG} in the repository)",
     )
     parser.add_argument(
-        "--output_ckpt", default=None, help="where to write the hardware checkpoint (default: --ckpt with .hw.pt)"
+        "--output_ckpt",
+        default=None,
+        help="where to write the hardware checkpoint (default: --ckpt with .hw.pt)",
     )
     parser.add_argument("--skip_ngram", action="store_true", help="embed no n-gram language model")
     parser.add_argument(
-        "--override_ngram_path", default=None, help="KenLM binary to embed instead of the config's ngram.ngram_path"
+        "--override_ngram_path",
+        default=None,
+        help="KenLM binary to embed instead of the config's ngram.ngram_path",
     )
     parser.add_argument(
         "--skip_state_dict_check",

@@ -56,7 +56,10 @@ def text_settings(cfg: dict, split: str) -> dict:
 def scoring_settings(cfg: dict) -> dict:
     """``word_error_rate`` keyword arguments of the validation set: standardize, error_rate."""
     audio = config.input(cfg, "val")["audio_dataset"]
-    return {"standardize": bool(audio.get("standardize_wer", True)), "error_rate": audio.get("error_rate", "word")}
+    return {
+        "standardize": bool(audio.get("standardize_wer", True)),
+        "error_rate": audio.get("error_rate", "word"),
+    }
 
 
 def sample_rate(cfg: dict, split: str = "val") -> int:

@@ -75,7 +75,9 @@ class TrainLogger:
             return
         print(message, file=sys.stderr, flush=True)
         if self._log_file is not None:
-            self._log_file.handle(self._logger.makeRecord(self._logger.name, logging.ERROR, "", 0, message, None, None))
+            self._log_file.handle(
+                self._logger.makeRecord(self._logger.name, logging.ERROR, "", 0, message, None, None)
+            )
 
     def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         """``warnings.showwarning`` while open: one ``warning:`` line on stderr and in ``train.log``."""
