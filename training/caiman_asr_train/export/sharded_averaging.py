@@ -286,11 +286,13 @@ def average_sharded(
             "optimizer": "copied" if keep_optimizer else "dropped",
             **counts,
         }
+        _sync_tree(build)
         atomic_write_bytes(build / AVERAGING_JSON, (json.dumps(record, indent=2) + "\n").encode())
         if (inputs[keeper] / METADATA_JSON).is_file():  # last: a directory with it is complete
             atomic_write_bytes(build / METADATA_JSON, (inputs[keeper] / METADATA_JSON).read_bytes())
         os.chmod(build, 0o777 & ~_umask())
         os.rename(build, output)
+        _fsync(output.parent)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -306,6 +308,22 @@ def _check_paths(inputs: list[Path], output: Path) -> None:
         raise UserError(f"output {output} is one of the inputs; write the average to a new directory")
     if output.exists():
         raise UserError(f"output {output} already exists; remove it or give another --output_name")
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root``: the data is on disk before the directory is renamed."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(directory, name))
+        _fsync(directory)
+
+
+def _fsync(path: PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_leftovers(output: Path, log: Log) -> None:

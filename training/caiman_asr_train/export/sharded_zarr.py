@@ -42,6 +42,9 @@ Log = Callable[[str], None]
 
 ZARRAY = ".zarray"
 _GRID_FIELDS = ("shape", "chunks", "dtype")
+# The output is synced once, file by file, before its directory is renamed into place
+# (sharded_averaging), rather than chunk by chunk as it is written.
+_CONTEXT = ts.Context({"file_io_sync": False})
 _FLOAT_DTYPES = {"bfloat16", "<f2", "<f4", "<f8", ">f2", ">f4", ">f8"}
 
 
@@ -135,7 +138,7 @@ def _open(path: Path, metadata: Optional[dict] = None, **options: bool) -> ts.Te
     if metadata is not None:
         # A chunk equal to the fill value is still written: a missing chunk file means an incomplete checkpoint.
         spec.update(metadata=metadata, store_data_equal_to_fill_value=True)
-    return ts.open(spec, **options).result()
+    return ts.open(spec, context=_CONTEXT, **options).result()
 
 
 def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weights: list[float]) -> None:
