@@ -249,30 +249,29 @@ def build_decoder(
             n-gram where one is needed.
     """
     check_decoder_args(args)
-    pieces = sentencepiece_pieces(tokenizer.model_bytes)
-    decoder = Decoder(
-        kind=args.decoder,
-        pieces=pieces,
+    common = dict(
+        pieces=sentencepiece_pieces(tokenizer.model_bytes),
         max_symbols_per_step=max_symbols_per_step,
         prefix_tokens=list(prefix_tokens or []),
     )
     if args.decoder == "greedy":
-        return decoder
-    decoder.beam = replace(
-        DEFAULTS,
-        beam_width=args.beam_width,
-        temperature=args.temperature,
-        prune_topk_thresh=args.beam_prune_topk_thresh,
-        prune_score_thresh=args.beam_prune_score_thresh,
-        final_emission_thresh=args.beam_final_emission_thresh,
-        max_symbols_per_step=max_symbols_per_step,
+        return Decoder("greedy", **common)
+    return Decoder(
+        "beam",
+        beam=BeamOptions(
+            beam_width=args.beam_width,
+            temperature=args.temperature,
+            prune_topk_thresh=args.beam_prune_topk_thresh,
+            prune_score_thresh=args.beam_prune_score_thresh,
+            final_emission_thresh=args.beam_final_emission_thresh,
+            max_symbols_per_step=max_symbols_per_step,
+        ),
+        ngram=_ngram(args, source, embedded_ngram, config_ngram),
+        keywords=None if args.keyword_boost_path is None else load_keywords(args.keyword_boost_path),
+        frame_seconds=frame_seconds,
+        procs=args.beam_decoder_procs,
+        **common,
     )
-    decoder.frame_seconds = frame_seconds
-    decoder.procs = args.beam_decoder_procs
-    if args.keyword_boost_path is not None:
-        decoder.keywords = load_keywords(args.keyword_boost_path)
-    decoder.ngram = _ngram(args, source, embedded_ngram, config_ngram)
-    return decoder
 
 
 def _ngram(
