@@ -27,10 +27,12 @@ from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
 from caiman_asr_train.evaluate.evaluator import featurize
 from caiman_asr_train.evaluate.wer import word_error_rate
+from caiman_asr_train.export.checkpointer import recorded_config
 from caiman_asr_train.export.hardware_ckpt import save_hardware_ckpt
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.val import DEFAULT_MODEL_CONFIG, REPO_ROOT, Validatable, load_for_validation
+from caiman_asr_train.utils.paths import REPO_ROOT
+from caiman_asr_train.val import DEFAULT_MODEL_CONFIG, Validatable, load_for_validation
 
 DEFAULT_SCALE_FACTORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
@@ -115,7 +117,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--model_config",
         type=Path,
         default=None,
-        help=f"YAML config of a training checkpoint (default: {DEFAULT_MODEL_CONFIG}); not read for hardware checkpoints",
+        help="YAML config of a training checkpoint (default: the config it recorded, else "
+        f"{DEFAULT_MODEL_CONFIG}); not read for hardware checkpoints",
     )
     parser.add_argument("--val_manifests", nargs="+", required=True, help="dev manifest(s) to decode")
     parser.add_argument(
@@ -163,12 +166,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output_hw is not None and args.output_hw.resolve() == args.ckpt.resolve():
         raise UserError("--output_hw must differ from --ckpt (the input is never overwritten)")
     device = torch.device("cpu")
-    model_config = args.model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG
     dataset_dir = args.dataset_dir or Path(args.val_manifests[0]).parent
     entries = read_manifests(args.val_manifests, dataset_dir)[: args.num_utterances]
     if not entries:
         raise DataError(f"manifests {' '.join(args.val_manifests)} hold no utterances")
-    target = load_for_validation(args.ckpt, model_config, device)
+    target = load_for_validation(args.ckpt, args.model_config, device)
     if args.output_hw is not None and target.kind != "hardware":
         raise CheckpointError(
             f"{args.ckpt} is a training checkpoint; --output_hw needs a hardware checkpoint as --ckpt"
@@ -177,7 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     embedded = ckpt["ngram"] if target.kind == "hardware" else None
     cfg_ngram = None
     if target.kind != "hardware":
-        cfg = config.load(model_config)
+        # The config load_for_validation used: --model_config, else the recorded one, else the demo's.
+        cfg = recorded_config(ckpt) if args.model_config is None else None
+        cfg = cfg or config.load(args.model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG)
         cfg_ngram = config.ngram(cfg) if "ngram" in cfg else None
     del ckpt
     decoder = build_decoder(
