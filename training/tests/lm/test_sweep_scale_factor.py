@@ -146,7 +146,12 @@ def test_command_line_errors_are_one_line_with_exit_status_2(dev_set):
 
 
 def test_a_training_checkpoint_sweeps_its_configs_ngram(dev_set, export_env, capsys):
-    argv = ["--ckpt", str(export_env.ckpt_path), "--val_manifests", str(dev_set / "dev.json")]
-    assert sweep_scale_factor.main([*argv, "--scale_factors", "0", "0.1"]) == 0
+    argv = ["--ckpt", str(export_env.ckpt_path), "--model_config", str(export_env.config_path)]
+    assert (
+        sweep_scale_factor.main(
+            [*argv, "--val_manifests", str(dev_set / "dev.json"), "--scale_factors", "0", "0.1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out[1:3]] == ["0", "0.1"] and out[3].startswith("best scale_factor: ")
