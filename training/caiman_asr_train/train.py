@@ -70,6 +70,7 @@ from caiman_asr_train.train_utils.callbacks import (
     run_finalize,
     shown_path,
 )
+from caiman_asr_train.train_utils.conversion import ConversionCallback
 from caiman_asr_train.train_utils.ema import update_ema
 from caiman_asr_train.train_utils.launcher import launch_local_processes
 from caiman_asr_train.train_utils.logger import Throughput, TrainLogger, format_seconds
@@ -156,6 +157,8 @@ class Trainer:
         self.config_path = Path(args.model_config)
         self.cfg = config.load(self.config_path)
         self.checkpointer = Checkpointer(self.output_dir, model_name=MODEL_NAME, keep_last_n=args.keep_last_n)
+        # Built now so that export flags the converter refuses stop the run before it trains.
+        self.conversion = ConversionCallback.from_args(args)
 
         resume_path = self._resume_path()
         if info.is_main:
@@ -500,11 +503,11 @@ class Trainer:
         return " ".join(parts)
 
     def finalize_callbacks(self) -> list[FinalizeCallback]:
-        return [
-            HardwareExportCallback(
-                skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check
-            )
-        ]
+        """The hardware export, then the inference conversion of ``--export_servers`` (which reads its files)."""
+        hardware = HardwareExportCallback(
+            skip_ngram=self.args.skip_ngram, skip_state_dict_check=self.args.skip_state_dict_check
+        )
+        return [hardware] + ([self.conversion] if self.conversion else [])
 
     def _finalize_context(self, reason: str) -> FinalizeContext:
         return FinalizeContext(

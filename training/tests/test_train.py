@@ -7,6 +7,7 @@ every run takes seconds.
 """
 
 import io
+import json
 import os
 import re
 import shlex
@@ -102,7 +103,8 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
     )
     save_mel_stats(root / "stats", *compute_mel_stats(manifests["train"], root, features, progress=False))
     config_path = root / "config.yaml"
-    config_path.write_text(textwrap.dedent(f"""\
+    config_path.write_text(
+        textwrap.dedent(f"""\
             tokenizer:
               sentpiece_model: spm/tiny.model
               labels: [" ", "a", "b", "c", "d", "e", "f"]
@@ -158,7 +160,8 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
             ngram:
               ngram_path: ngram
               scale_factor: 0.05
-            """))
+            """)
+    )
     return SimpleNamespace(root=root, config=config_path, manifests=manifests)
 
 
@@ -372,6 +375,25 @@ def test_failed_export_keeps_training_checkpoints_and_prints_the_command(corpus,
     assert load_hw_checkpoint(out / "RNN-T_last_checkpoint.hw.pt").step == 2
 
 
+def test_finalize_writes_the_bundles_of_export_servers_after_the_hardware_export(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        train.main(
+            run_args(corpus, out, "--training_steps", "2", "--export_servers", "onnxruntime,sherpa-onnx")
+        )
+        == 0
+    )
+    for server in ("onnxruntime", "sherpa-onnx"):
+        manifest = json.loads((out / "inference" / out.name / "best" / server / "manifest.json").read_text())
+        assert manifest["source"]["url"] == str(out / "RNN-T_best_checkpoint.hw.pt")
+
+
+def test_bad_export_flags_stop_the_run_before_training(corpus, tmp_path):
+    with pytest.raises(UserError, match="unknown server"):
+        train.main(run_args(corpus, tmp_path / "run", "--export_servers", "tensorrt"))
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
 def test_refuses_an_output_dir_with_checkpoints_unless_resuming(corpus, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -433,14 +455,18 @@ def test_the_run_records_its_config_and_exports_it_even_when_the_yaml_is_edited_
     assert capsys.readouterr().out.startswith("Word Error Rate: ")
 
 
-def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+def test_a_diverging_run_stops_with_one_error_line_and_keeps_the_last_good_checkpoint(
+    corpus, tmp_path, capsys
+):
     out = tmp_path / "run"
     assert train.main(run_args(corpus, out, "--training_steps", "2", "--optimizer", "adamw")) == 0
     good = (out / "RNN-T_last_checkpoint.pt").read_bytes()
     capsys.readouterr()
     # A learning rate near the float32 maximum makes the next loss Inf or NaN.
     too_high = ("--lr", "1e37", "--min_lr", "1e36")
-    status = train.main(run_args(corpus, out, "--training_steps", "8", "--optimizer", "adamw", "--resume", *too_high))
+    status = train.main(
+        run_args(corpus, out, "--training_steps", "8", "--optimizer", "adamw", "--resume", *too_high)
+    )
     assert status == 1
     captured = capsys.readouterr()
     assert re.search(r"resumed from .* at step 2 \(best WER \d+\.\d\d%\)", captured.out)

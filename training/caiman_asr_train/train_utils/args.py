@@ -9,6 +9,7 @@ import argparse
 from typing import Sequence
 
 from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.train_utils.conversion import add_export_args
 from caiman_asr_train.train_utils.optim import OPTIMIZERS
 from caiman_asr_train.utils.paths import REPO_ROOT
 
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)"
     )
+    add_export_args(p)
     return p
 
 
