@@ -1,4 +1,4 @@
-"""Validate a checkpoint: greedy decoding and word error rate on manifests (SPEC section 10).
+"""Validate a checkpoint: greedy or beam decoding and word error rate on manifests (SPEC section 10).
 
 ``--ckpt`` is one of:
 
@@ -8,17 +8,25 @@
   checkpoints record none: then the default is the demo config);
 - a hardware checkpoint (``*.hw.pt``, recognised by its content): weights,
   feature settings, mel statistics and tokenizer all come from the file, and
-  ``--model_config`` is not read;
-- a directory: every ``*.pt`` file in it is validated (training and hardware
-  checkpoints alike) and a table of file, step and WER is printed.
+  ``--model_config`` is not read; a weight-quantized ``*.q.pt`` is validated
+  the same way, its weights dequantized;
+- an ONNX Runtime bundle directory (it holds a ``bundle.json``, as
+  ``python -m caiman_asr_train.export.inference --target onnxruntime`` writes
+  it): decoded greedily with the torch-free recogniser of ``runtime/``;
+- a directory: every ``*.pt`` file and bundle directory in it is validated
+  and a table of file, step and WER is printed.
+
+``--decoder beam`` (and the other flags of ``evaluate.decoding``) decodes with
+beam search and the n-gram the checkpoint carries or its config names.
 
 Per checkpoint, the predictions (``[{"hyp", "ref", "fname"}, ...]``) are
 written to ``<output_dir>/<checkpoint name without .pt>.predictions.json``.
 The last line printed for a single checkpoint is::
 
-    Word Error Rate: 12.345% on "datasets/demo/dev.json"
+    Word Error Rate: 12.345% on "datasets/demo/dev.json" (greedy)
 
-with the manifests as given on the command line, joined by spaces. Example,
+with the manifests as given on the command line, joined by spaces, and the
+decoder in brackets (e.g. ``beam search, width 4, n-gram scale 0.05``). Example,
 from the repository root::
 
     python training/caiman_asr_train/val.py --ckpt results/RNN-T_best_checkpoint.hw.pt
@@ -43,9 +51,19 @@ from caiman_asr_train.data.dataset import AudioDataset, collate
 from caiman_asr_train.data.features import FeaturePipeline
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.evaluate.decoding import (
+    Decoder,
+    add_decoder_args,
+    build_decoder,
+    check_decoder_args,
+    encoder_frame_seconds,
+    result_line,
+)
 from caiman_asr_train.evaluate.evaluator import EvalResult, evaluate
 from caiman_asr_train.export.checkpointer import first_non_finite, load_weights, recorded_config
 from caiman_asr_train.rnnt import config
+from caiman_asr_train.runtime.bundle import is_bundle
+from caiman_asr_train.runtime.evaluate import evaluate_bundle
 from caiman_asr_train.train_utils.builders import (
     build_model,
     build_pipeline,
@@ -70,7 +88,9 @@ class Validatable:
     ``text`` holds the ``normalize_transcript`` settings for the references
     (``normalize_transcripts``, ``labels``, ``replacements``, ``remove_tags``)
     and ``scoring`` the ``word_error_rate`` settings (``standardize``,
-    ``error_rate``).
+    ``error_rate``). ``embedded_ngram`` is a hardware checkpoint's
+    ``{"binary", "scale_factor"}``, ``config_ngram`` a training checkpoint's
+    config ``ngram`` section (None when it has none): what beam search fuses.
     """
 
     model: CoreRNNT
@@ -81,6 +101,8 @@ class Validatable:
     kind: str
     text: dict
     scoring: dict
+    embedded_ngram: Optional[dict] = None
+    config_ngram: Optional[dict] = None
 
 
 def load_training_checkpoint(
@@ -116,6 +138,7 @@ def load_training_checkpoint(
         kind="training",
         text=text_settings(cfg, "val"),
         scoring=scoring_settings(cfg),
+        config_ngram=config.ngram(cfg) if "ngram" in cfg else None,
     )
 
 
@@ -139,6 +162,7 @@ def load_hardware_checkpoint(path: Path, device: torch.device) -> Validatable:
             "remove_tags": True,
         },
         scoring={"standardize": True, "error_rate": "word"},
+        embedded_ngram=hw.ngram,
     )
 
 
@@ -163,6 +187,19 @@ def load_for_validation(path: Path, model_config: Optional[Path], device: torch.
     return target
 
 
+def decoder_for(target: Validatable, args: argparse.Namespace, source: Path) -> Decoder:
+    """The decoder ``add_decoder_args``'s flags ask for, with ``target``'s n-gram and frame rate."""
+    return build_decoder(
+        args,
+        target.tokenizer,
+        frame_seconds=encoder_frame_seconds(target.pipeline, target.model, target.sample_rate),
+        source=str(source),
+        embedded_ngram=target.embedded_ngram,
+        config_ngram=target.config_ngram,
+        max_symbols_per_step=args.max_symbol_per_sample,
+    )
+
+
 def validate(
     target: Validatable,
     entries: list[dict],
@@ -173,8 +210,9 @@ def validate(
     max_symbols_per_step: int,
     seed: int,
     device: torch.device,
+    decoder: Optional[Decoder] = None,
 ) -> EvalResult:
-    """Decode ``entries`` with ``target`` and score them."""
+    """Decode ``entries`` with ``target`` (greedily when ``decoder`` is None) and score them."""
     dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     # Seeded per checkpoint: every checkpoint sees the same dither noise.
@@ -189,6 +227,7 @@ def validate(
         max_symbols_per_step=max_symbols_per_step,
         device=device,
         generator=generator,
+        decoder=decoder,
         **target.scoring,
     )
 
@@ -216,26 +255,32 @@ def _natural_key(path: Path) -> list:
 
 
 def checkpoints_in(directory: Path) -> list[Path]:
-    """Every ``*.pt`` file of ``directory`` (not recursive), in natural name order."""
-    files = sorted((p for p in directory.iterdir() if p.is_file() and p.suffix == ".pt"), key=_natural_key)
+    """Every ``*.pt`` file and ONNX Runtime bundle directory of ``directory`` (not recursive), in natural
+    name order."""
+    files = sorted(
+        (p for p in directory.iterdir() if (p.is_file() and p.suffix == ".pt") or is_bundle(p)),
+        key=_natural_key,
+    )
     if not files:
         raise CheckpointError(
-            f"{directory}: no *.pt checkpoints in this directory; pass a file or another directory"
+            f"{directory}: no *.pt checkpoints or bundle directories in this directory; pass a file or "
+            "another directory"
         )
     return files
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Greedy-decode manifests with a training checkpoint, a hardware checkpoint "
-        "or every checkpoint in a directory, and report the word error rate.",
+        description="Decode manifests with a training checkpoint, a hardware checkpoint, an ONNX Runtime "
+        "bundle or every one of them in a directory, and report the word error rate.",
     )
     parser.add_argument(
         "--ckpt",
         required=True,
         type=Path,
         help="training checkpoint (*.pt: EMA weights, with the config it recorded), hardware checkpoint "
-        "(*.hw.pt: self-contained) or a directory of them",
+        "(*.hw.pt or quantized *.q.pt: self-contained), ONNX Runtime bundle directory (greedy only) or a "
+        "directory of them",
     )
     parser.add_argument(
         "--model_config",
@@ -282,7 +327,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--max_symbol_per_sample",
         type=int,
         default=8,
-        help="greedy decoding emits at most this many symbols per encoder frame (default: 8)",
+        help="decoding emits at most this many symbols per encoder frame (default: 8)",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the dither noise (default: 1)")
     parser.add_argument(
@@ -291,6 +336,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="validate only the first N utterances of the manifests (default: all)",
     )
+    add_decoder_args(parser)
     return parser.parse_args(argv)
 
 
@@ -303,6 +349,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--val_final_padding_secs must be >= 0, got {args.val_final_padding_secs}")
     if not args.ckpt.exists():
         raise CheckpointError(f"{args.ckpt}: no such checkpoint file or directory; check --ckpt")
+    check_decoder_args(args)
+    if args.decoder != "greedy" and is_bundle(args.ckpt):
+        raise UserError(
+            f"{args.ckpt}: ONNX Runtime bundles decode greedily; drop --decoder {args.decoder} or pass "
+            "the hardware checkpoint it was exported from"
+        )
 
 
 def _device(name: Optional[str]) -> torch.device:
@@ -333,39 +385,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         entries = entries[: args.num_utterances]
     torch.manual_seed(args.seed)
 
-    def run(ckpt: Path) -> tuple[Optional[int], EvalResult]:
-        target = load_for_validation(ckpt, model_config, device)
-        result = validate(
-            target,
-            entries,
-            dataset_dir,
-            batch_size=args.val_batch_size,
-            final_padding_secs=args.val_final_padding_secs,
-            max_symbols_per_step=args.max_symbol_per_sample,
-            seed=args.seed,
-            device=device,
-        )
+    def run(ckpt: Path) -> tuple[Optional[int], float, str]:
+        """Validate ``ckpt``, write its predictions; (step, error rate as a fraction, result line)."""
+        if is_bundle(ckpt):
+            # The torch-free recogniser reads the audio itself: the same entries, the same WER.
+            result = evaluate_bundle(
+                ckpt,
+                manifests,
+                dataset_dir,
+                num_utterances=args.num_utterances,
+                max_symbols_per_step=args.max_symbol_per_sample,
+                final_padding_secs=args.val_final_padding_secs,
+                progress=True,
+            )
+            step, kind, decoder = None, "ONNX Runtime bundle", Decoder("greedy", pieces=[])
+        else:
+            target = load_for_validation(ckpt, model_config, device)
+            decoder = decoder_for(target, args, ckpt)
+            result = validate(
+                target,
+                entries,
+                dataset_dir,
+                batch_size=args.val_batch_size,
+                final_padding_secs=args.val_final_padding_secs,
+                max_symbols_per_step=args.max_symbol_per_sample,
+                seed=args.seed,
+                device=device,
+                decoder=decoder,
+            )
+            step, kind = target.step, f"{target.kind} checkpoint"
         path = predictions_path(output_dir, ckpt)
         write_predictions(result.predictions, path)
-        print(f"{ckpt.name}: {target.kind} checkpoint, predictions in {path}", file=sys.stderr)
-        return target.step, result
+        print(f"{ckpt.name}: {kind}, {decoder.description}, predictions in {path}", file=sys.stderr)
+        return step, result.wer, result_line(result.wer, shown_manifests, decoder)
 
-    if not args.ckpt.is_dir():
-        _, result = run(args.ckpt)
-        print(f'Word Error Rate: {format_wer(result.wer)} on "{shown_manifests}"')
+    if not args.ckpt.is_dir() or is_bundle(args.ckpt):
+        print(run(args.ckpt)[2])
         return 0
 
     rows = []
     failed = 0
     for ckpt in checkpoints_in(args.ckpt):
         try:
-            step, result = run(ckpt)
+            step, wer, _ = run(ckpt)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             rows.append((ckpt.name, "-", "error"))
             failed += 1
             continue
-        rows.append((ckpt.name, "-" if step is None else str(step), format_wer(result.wer)))
+        rows.append((ckpt.name, "-" if step is None else str(step), format_wer(wer)))
     print(format_table(rows, f'WER on "{shown_manifests}"'))
     # Status 2, as for any user error, when some checkpoint could not be validated.
     return 2 if failed else 0

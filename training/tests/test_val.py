@@ -6,8 +6,10 @@ written by the Checkpointer and hardware checkpoints by create_hardware_ckpt.
 """
 
 import copy
+import difflib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -21,12 +23,15 @@ import yaml
 
 from caiman_asr_train import val
 from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.load_hw import read_checkpoint
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.deploy.quantize import write_quantized_checkpoint
 from caiman_asr_train.evaluate.evaluator import evaluate
 from caiman_asr_train.export.checkpointer import Checkpointer
+from caiman_asr_train.export.inference import export_inference
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
 from caiman_asr_train.utils.atomic import atomic_torch_save
@@ -36,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RATE = 16000
 TRANSCRIPTS = ["The cat sat!", "a dog ran home", "red house", "the dog sat on the cat"]
 REFERENCES = ["the cat sat", "a dog ran home", "red house", "the dog sat on the cat"]
-WER_LINE = re.compile(r'^Word Error Rate: (\d+\.\d{3})% on "(.*)"$')
+WER_LINE = re.compile(r'^Word Error Rate: (\d+\.\d{3})% on "(.*)" \((.*)\)$')
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +93,25 @@ def setup(tmp_path_factory) -> dict:
         optimizer=None,
         epoch=1,
         best_wer=1.0,
-        tokenizer_kw={"sentpiece_model": str(spm_model), "labels": cfg["tokenizer"]["labels"], "sampling": 0.0},
+        tokenizer_kw={
+            "sentpiece_model": str(spm_model),
+            "labels": cfg["tokenizer"]["labels"],
+            "sampling": 0.0,
+        },
         logmel_norm_weight=1.0,
         config_path=config_path,
     )
     train_ckpt = checkpointer.save(model, ema, step=20, **common)
     blank_ckpt = checkpointer.save(ema, blank_ema, step=30, filepath=root / "blank_ema.pt", **common)
     # As train.py saves it: the checkpoint carries its config, so no --model_config is needed.
-    described_ckpt = checkpointer.save(model, ema, step=20, filepath=root / "described.pt", config=cfg, **common)
+    described_ckpt = checkpointer.save(
+        model, ema, step=20, filepath=root / "described.pt", config=cfg, **common
+    )
     with torch.no_grad():
         ema.joint_enc.weight[0, 0] = float("inf")
-    diverged_ckpt = checkpointer.save(model, ema, step=40, filepath=root / "diverged.pt", config=cfg, **common)
+    diverged_ckpt = checkpointer.save(
+        model, ema, step=40, filepath=root / "diverged.pt", config=cfg, **common
+    )
     return {
         "described_ckpt": described_ckpt,
         "diverged_ckpt": diverged_ckpt,
@@ -116,7 +129,9 @@ def hw_ckpt(setup) -> Path:
     from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 
     with pytest.warns(UserWarning, match="software use only"):
-        hw = create_hardware_ckpt(setup["train_ckpt"], setup["config"], skip_state_dict_check=True, skip_ngram=True)
+        hw = create_hardware_ckpt(
+            setup["train_ckpt"], setup["config"], skip_state_dict_check=True, skip_ngram=True
+        )
     path = setup["root"] / "hw" / "RNN-T_step20_checkpoint.hw.pt"
     path.parent.mkdir()
     save_hardware_ckpt(hw, path)
@@ -126,7 +141,15 @@ def hw_ckpt(setup) -> Path:
 def run_val(setup, ckpt, output_dir, capsys, *extra) -> tuple[int, list[str]]:
     argv = ["--ckpt", str(ckpt), "--val_manifests", str(setup["manifest"]), "--output_dir", str(output_dir)]
     # Two symbols per frame keep the random models' long hypotheses quick to decode.
-    argv += ["--model_config", str(setup["config"]), "--device", "cpu", "--max_symbol_per_sample", "2", *extra]
+    argv += [
+        "--model_config",
+        str(setup["config"]),
+        "--device",
+        "cpu",
+        "--max_symbol_per_sample",
+        "2",
+        *extra,
+    ]
     status = val.main(argv)
     return status, capsys.readouterr().out.strip().splitlines()
 
@@ -139,7 +162,7 @@ def test_training_checkpoint_is_validated_with_its_ema_weights(setup, tmp_path, 
     status, out = run_val(setup, setup["blank_ckpt"], tmp_path, capsys)
     assert status == 0
     # The EMA weights only ever emit blank; the raw weights would emit words.
-    assert out[-1] == f'Word Error Rate: 100.000% on "{setup["manifest"]}"'
+    assert out[-1] == f'Word Error Rate: 100.000% on "{setup["manifest"]}" (greedy)'
     predictions = read_predictions(tmp_path / "blank_ema.predictions.json")
     assert predictions == [
         {"hyp": "", "ref": ref, "fname": f"audio/{i}.flac"} for i, ref in enumerate(REFERENCES)
@@ -159,7 +182,9 @@ def test_hardware_checkpoint_gives_the_training_checkpoints_predictions(setup, h
     train_predictions = read_predictions(tmp_path / "train/RNN-T_step20_checkpoint.predictions.json")
     hw_predictions = read_predictions(tmp_path / "hw/RNN-T_step20_checkpoint.hw.predictions.json")
     assert hw_predictions == train_predictions
-    assert any(p["hyp"] for p in hw_predictions), "a random model should emit words: the comparison must mean something"
+    assert any(p["hyp"] for p in hw_predictions), (
+        "a random model should emit words: the comparison must mean something"
+    )
     assert [p["ref"] for p in hw_predictions] == REFERENCES
 
 
@@ -182,13 +207,100 @@ def test_directory_mode_prints_a_table_and_writes_predictions_per_file(setup, hw
         assert len(read_predictions(tmp_path / "out" / f"{name}.predictions.json")) == len(REFERENCES)
 
 
+@pytest.fixture(scope="module")
+def bundle(setup, hw_ckpt) -> Path:
+    """The ONNX Runtime bundle exported from ``hw_ckpt``."""
+    directory = setup["root"] / "bundles" / "onnxruntime"
+    export_inference(hw_ckpt, "onnxruntime", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def q_ckpt(setup, hw_ckpt) -> Path:
+    """``hw_ckpt`` with int8 per-channel weights, as a ``*.q.pt``."""
+    path = setup["root"] / "quantized" / "RNN-T_step20_checkpoint.q.pt"
+    path.parent.mkdir()
+    write_quantized_checkpoint(read_checkpoint(hw_ckpt, mmap=False), path, "int8_per_channel")
+    return path
+
+
+def test_an_onnx_runtime_bundle_is_validated_like_its_hardware_checkpoint(
+    setup, hw_ckpt, bundle, tmp_path, capsys
+):
+    flags = ("--val_final_padding_secs", "0.24")
+    status, hw_out = run_val(setup, hw_ckpt, tmp_path / "hw", capsys, *flags)
+    assert status == 0
+    status, bundle_out = run_val(setup, bundle, tmp_path / "bundle", capsys, *flags)
+    assert status == 0
+    assert WER_LINE.match(bundle_out[-1]).groups()[1:] == (str(setup["manifest"]), "greedy")
+    hw_predictions = read_predictions(tmp_path / "hw/RNN-T_step20_checkpoint.hw.predictions.json")
+    bundle_predictions = read_predictions(tmp_path / "bundle/onnxruntime.predictions.json")
+    assert [p["ref"] for p in bundle_predictions] == REFERENCES
+    assert [p["fname"] for p in bundle_predictions] == [p["fname"] for p in hw_predictions]
+    # The same random model: only dither noise and float rounding move its near-tie symbols.
+    for b, h in zip(bundle_predictions, hw_predictions):
+        assert difflib.SequenceMatcher(None, b["hyp"], h["hyp"]).ratio() > 0.7, (b, h)
+
+
+def test_a_bundle_refuses_beam_search_in_one_line(setup, bundle, tmp_path, capsys):
+    assert "decode greedily" in cli_error(
+        capsys, ["--ckpt", str(bundle), "--val_manifests", str(setup["manifest"]), "--decoder", "beam"]
+    )
+
+
+def test_a_quantized_checkpoint_is_validated_like_a_hardware_checkpoint(setup, q_ckpt, tmp_path, capsys):
+    status, out = run_val(setup, q_ckpt, tmp_path, capsys, "--num_utterances", "2")
+    assert status == 0
+    assert WER_LINE.match(out[-1]).group(3) == "greedy"
+    predictions = read_predictions(tmp_path / "RNN-T_step20_checkpoint.q.predictions.json")
+    assert [p["ref"] for p in predictions] == REFERENCES[:2]
+
+
+def test_directory_mode_lists_quantized_checkpoints_and_bundles(setup, q_ckpt, bundle, tmp_path, capsys):
+    directory = tmp_path / "ckpts"
+    directory.mkdir()
+    (directory / q_ckpt.name).write_bytes(q_ckpt.read_bytes())
+    shutil.copytree(bundle, directory / "onnxruntime")
+    (directory / "not_a_bundle").mkdir()
+    status, out = run_val(setup, directory, tmp_path / "out", capsys, "--num_utterances", "2")
+    assert status == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    assert set(rows) == {"RNN-T_step20_checkpoint.q.pt", "onnxruntime"}
+    assert rows["RNN-T_step20_checkpoint.q.pt"][0] == "20"
+    assert len(read_predictions(tmp_path / "out" / "onnxruntime.predictions.json")) == 2
+
+
+def test_beam_search_on_a_hardware_checkpoint_prints_the_beam_line_and_writes_predictions(
+    setup, hw_ckpt, tmp_path, capsys
+):
+    status, out = run_val(
+        setup, hw_ckpt, tmp_path, capsys, "--num_utterances", "2", "--decoder", "beam", "--beam_width", "2"
+    )
+    assert status == 0
+    # The hardware checkpoint was exported with --skip_ngram: beam search says it fused none.
+    assert WER_LINE.match(out[-1]).group(3) == "beam search, width 2, no n-gram"
+    predictions = read_predictions(tmp_path / "RNN-T_step20_checkpoint.hw.predictions.json")
+    assert [p["ref"] for p in predictions] == REFERENCES[:2]
+    assert any(p["hyp"] for p in predictions)
+
+
 def test_directory_mode_reports_unreadable_files_and_exits_2(setup, tmp_path, capsys):
     directory = tmp_path / "ckpts"
     directory.mkdir()
     (directory / "RNN-T_step9_checkpoint.pt").write_bytes(setup["blank_ckpt"].read_bytes()[:500])
     (directory / "RNN-T_step10_checkpoint.pt").write_bytes(setup["blank_ckpt"].read_bytes())
-    status = val.main(["--ckpt", str(directory), "--val_manifests", str(setup["manifest"]),
-                       "--output_dir", str(tmp_path / "out"), "--model_config", str(setup["config"])])
+    status = val.main(
+        [
+            "--ckpt",
+            str(directory),
+            "--val_manifests",
+            str(setup["manifest"]),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--model_config",
+            str(setup["config"]),
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2
     assert "RNN-T_step9_checkpoint.pt is truncated or corrupt" in captured.err
@@ -225,7 +337,7 @@ def test_defaults_are_relative_to_the_repository_root(setup, hw_ckpt, tmp_path, 
     monkeypatch.setattr(val, "REPO_ROOT", fake_root)
     monkeypatch.chdir(tmp_path)
     assert val.main(["--ckpt", str(hw_ckpt), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('% on "datasets/demo/dev.json"')
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('% on "datasets/demo/dev.json" (greedy)')
     assert (fake_root / "results/val/RNN-T_step20_checkpoint.hw.predictions.json").is_file()
 
 
@@ -247,7 +359,9 @@ def test_user_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     )
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
-    assert "hold no utterances" in cli_error(capsys, ["--ckpt", str(setup["train_ckpt"]), "--val_manifests", str(empty)])
+    assert "hold no utterances" in cli_error(
+        capsys, ["--ckpt", str(setup["train_ckpt"]), "--val_manifests", str(empty)]
+    )
     assert "--val_batch_size must be >= 1" in cli_error(
         capsys, ["--ckpt", str(setup["train_ckpt"]), *manifest, "--val_batch_size", "0"]
     )
@@ -270,7 +384,11 @@ def test_user_mistakes_are_one_line_errors(setup, tmp_path, capsys):
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(yaml.safe_dump(cfg))
     err = cli_error(capsys, ["--ckpt", str(setup["train_ckpt"]), *manifest, "--model_config", str(wrong)])
-    assert "does not fit the model" in err and "encoder.pre_rnn.lstm.weight_ih_l0" in err and "--model_config" in err
+    assert (
+        "does not fit the model" in err
+        and "encoder.pre_rnn.lstm.weight_ih_l0" in err
+        and "--model_config" in err
+    )
 
 
 def test_command_line_script_and_val_sh(setup, hw_ckpt, tmp_path):
@@ -281,11 +399,21 @@ def test_command_line_script_and_val_sh(setup, hw_ckpt, tmp_path):
         text=True,
     )
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.hw.pt'}: no such checkpoint "
-                                                   "file or directory; check --ckpt"]
+    assert missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'missing.hw.pt'}: no such checkpoint file or directory; check --ckpt"
+    ]
     ok = subprocess.run(
-        [str(REPO_ROOT / "val.sh"), "--ckpt", str(hw_ckpt), "--val_manifests", str(setup["manifest"]),
-         "--output_dir", str(tmp_path), "--device", "cpu"],
+        [
+            str(REPO_ROOT / "val.sh"),
+            "--ckpt",
+            str(hw_ckpt),
+            "--val_manifests",
+            str(setup["manifest"]),
+            "--output_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin", "CAIMAN_PYTHON": sys.executable, "HOME": str(tmp_path)},
@@ -313,8 +441,17 @@ def test_a_checkpoint_that_records_its_config_needs_no_model_config(setup, tmp_p
 
 
 def test_non_finite_weights_are_reported_in_one_warning(setup, tmp_path, capsys):
-    argv = ["--ckpt", str(setup["diverged_ckpt"]), "--val_manifests", str(setup["manifest"]), "--num_utterances", "1"]
+    argv = [
+        "--ckpt",
+        str(setup["diverged_ckpt"]),
+        "--val_manifests",
+        str(setup["manifest"]),
+        "--num_utterances",
+        "1",
+    ]
     argv += ["--output_dir", str(tmp_path), "--device", "cpu", "--max_symbol_per_sample", "2"]
-    with pytest.warns(UserWarning, match=r"diverged.pt: weight 'joint_enc.weight' holds NaN or Inf") as caught:
+    with pytest.warns(
+        UserWarning, match=r"diverged.pt: weight 'joint_enc.weight' holds NaN or Inf"
+    ) as caught:
         val.main(argv)
     assert all("\n" not in str(w.message) for w in caught)
