@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,12 +59,13 @@ from caiman_asr_train.utils.atomic import atomic_write_bytes
 
 __all__ = [
     "AVERAGING_JSON",
-    "add_weighted",
+    "WeightedSum",
     "average_sharded",
     "default_output",
     "is_optimizer_key",
     "round_half_even",
-    "round_into",
+    "stored_bits",
+    "storage_dtype",
     "sharded_format",
     "select_sharded",
 ]
@@ -127,29 +129,89 @@ def round_half_even(x: Tensor, dtype: torch.dtype) -> Tensor:
     return odd.to(dtype)
 
 
-# Elements per accumulation step: float64 slices of 1 MiB stay in the CPU cache.
-SLICE = 1 << 17
+# Elements per accumulation step: the float64 slice (256 KiB) and its temporaries stay in the CPU's L2 cache,
+# and each numpy call is long enough that the Python around it costs little.
+SLICE = 1 << 15
+
+_BF16_DROPPED = 45  # float64 mantissa bits that bfloat16 (7 stored bits) does not keep
+_BF16_HALF = np.uint64((1 << (_BF16_DROPPED - 1)) - 1)
+_BF16_KEPT = np.uint64(~((1 << _BF16_DROPPED) - 1) & 0xFFFFFFFFFFFFFFFF)
+_BF16_EXPONENT = 0x7F80
 
 
-def add_weighted(total: Tensor, piece: Tensor, weight: float, first: bool, buffer: Tensor) -> None:
-    """``total += weight * piece`` (``=`` when ``first``), both flat, one cache-sized slice at a time.
+def storage_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype that holds ``dtype``'s stored bits (bfloat16: its uint16 bit patterns)."""
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
 
-    ``total`` is float64; ``buffer`` (float64, at least ``SLICE`` elements) holds each
-    converted slice, so no full-size float64 temporary is made.
+
+class WeightedSum:
+    """Float64 weighted sums of flat slices (at most ``SLICE`` elements) of one floating dtype.
+
+    Slices are numpy arrays of the stored bits (``storage_dtype``); ``total`` is a float64
+    array of the slice's size, and every step works in it or in this object's preallocated
+    buffers. bfloat16 widens exactly by shifting its bits into the high half of a float32;
+    the sum is cast back with one round-to-nearest-even (``round_into``).
     """
-    for start in range(0, piece.numel(), SLICE):
-        end = min(start + SLICE, piece.numel())
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._wide = np.empty(SLICE, np.float64)
+        self._bits = np.empty(SLICE, np.uint64)
+        self._f32 = np.empty(SLICE, np.float32)
+        self._check = np.empty(SLICE, np.uint16)
+        self._finite = np.empty(SLICE, np.bool_)
+
+    def add(self, total: np.ndarray, piece: np.ndarray, weight: float, first: bool) -> None:
+        """``total += weight * piece`` (``=`` when ``first``)."""
+        n = piece.size
+        if self.dtype == torch.bfloat16:
+            bits = self._f32[:n].view(np.uint32)
+            np.left_shift(piece, 16, out=bits, dtype=np.uint32)
+            piece = bits.view(np.float32)
         if first:
-            total[start:end].copy_(piece[start:end]).mul_(weight)
+            np.multiply(piece, weight, out=total, dtype=np.float64)
         else:
-            total[start:end].add_(buffer[: end - start].copy_(piece[start:end]), alpha=weight)
+            np.multiply(piece, weight, out=self._wide[:n], dtype=np.float64)
+            np.add(total, self._wide[:n], out=total)
+
+    def finite(self, total: np.ndarray) -> np.ndarray:
+        """Whether each element of ``total`` is finite (a view of a reused buffer)."""
+        return np.isfinite(total, out=self._finite[: total.size])
+
+    def round_into(self, out: np.ndarray, total: np.ndarray) -> None:
+        """``out[:] = round_half_even(total)`` in ``out``'s stored bits; ``total`` finite."""
+        n = out.size
+        if self.dtype != torch.bfloat16:
+            # numpy casts float64 to float16 and float32 directly, with one rounding to nearest even.
+            np.copyto(out, total, casting="same_kind")
+            return
+        # Round to nearest even at bfloat16's precision on the float64 bits (a carry runs into the
+        # exponent, as it should); the result converts to float32 exactly, and its high half is bfloat16.
+        bits = self._bits[:n]
+        np.right_shift(total.view(np.uint64), np.uint64(_BF16_DROPPED), out=bits)
+        np.bitwise_and(bits, np.uint64(1), out=bits)
+        np.add(bits, _BF16_HALF, out=bits)
+        np.add(bits, total.view(np.uint64), out=bits)
+        np.bitwise_and(bits, _BF16_KEPT, out=bits)
+        with np.errstate(over="ignore"):  # beyond bfloat16's range the nearest is infinity, as it should be
+            np.copyto(self._f32[:n], bits.view(np.float64), casting="same_kind")
+        np.right_shift(self._f32[:n].view(np.uint32), np.uint32(16), out=out, casting="unsafe")
+        # Below bfloat16's smallest normal (2**-126) its precision shrinks: those few elements
+        # (exponent field 0, other than zeros, whose bits are right) are rounded by the reference.
+        check = self._check[:n]
+        np.bitwise_and(out, np.uint16(_BF16_EXPONENT), out=check)
+        if not check.all():
+            small = np.flatnonzero(check == 0)
+            small = small[total[small] != 0]
+            out[small] = (
+                round_half_even(torch.from_numpy(total[small]), torch.bfloat16).view(torch.uint16).numpy()
+            )
 
 
-def round_into(out: Tensor, total: Tensor) -> None:
-    """``out[:] = round_half_even(total)``, both flat, one cache-sized slice at a time."""
-    for start in range(0, total.numel(), SLICE):
-        end = min(start + SLICE, total.numel())
-        out[start:end].copy_(round_half_even(total[start:end], out.dtype))
+def stored_bits(tensor: Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous tensor's stored bits (``storage_dtype``)."""
+    flat = tensor.reshape(-1)
+    return (flat.view(torch.uint16) if tensor.dtype == torch.bfloat16 else flat).numpy()
 
 
 def select_sharded(

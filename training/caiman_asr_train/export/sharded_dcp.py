@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import (
@@ -37,9 +38,9 @@ from caiman_asr_train.export.averaging_engine import non_finite_error
 from caiman_asr_train.export.sharded_averaging import (
     DCP_METADATA,
     SLICE,
-    add_weighted,
+    WeightedSum,
     is_optimizer_key,
-    round_into,
+    stored_bits,
 )
 from caiman_asr_train.utils.atomic import atomic_write
 
@@ -204,9 +205,10 @@ def _average_tensor(
 
     Memory: the float64 sum and one input's tensor, whatever the number of inputs.
     """
-    total = torch.empty(math.prod(md.size), dtype=torch.float64)
-    buffer = torch.empty(SLICE, dtype=torch.float64)
+    total = np.empty(math.prod(md.size))
+    sums = WeightedSum(md.properties.dtype)
     tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    bits = stored_bits(tensor)
     used = [(path, reader, weight) for path, reader, weight in zip(inputs, readers, weights) if weight > 0]
     for i, (path, reader, weight) in enumerate(used):  # a NaN in a zero-weight input cannot reach the sum
         try:
@@ -217,10 +219,12 @@ def _average_tensor(
             raise CheckpointError(
                 f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
             ) from None
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             raise non_finite_error(path, key)
-        add_weighted(total, tensor.reshape(-1), weight, i == 0, buffer)
-    round_into(tensor.view(-1), total)  # the last input's tensor is free again: it holds the result
+        for start in range(0, bits.size, SLICE):
+            sums.add(total[start : start + SLICE], bits[start : start + SLICE], weight, i == 0)
+    for start in range(0, bits.size, SLICE):  # the last input's tensor is free again: it holds the result
+        sums.round_into(bits[start : start + SLICE], total[start : start + SLICE])
     del total
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -5,8 +5,9 @@ Arrays are created and written with tensorstore, which Megatron itself used
 for them and which reads the ``bfloat16`` dtype name (zarr-python 3.1+ does
 not). Megatron's chunks are raw (no compressor, no filters, C order): a chunk
 file is the chunk's bytes, so every input's chunk is read straight from its
-file one cache-sized slice at a time, and memory holds one output chunk
-whatever the number of inputs. Compressed or filtered arrays are decoded by
+file, and the average written straight to the output's, one cache-sized slice
+at a time: memory holds a few slices whatever the chunk size and the number
+of inputs. Compressed or filtered arrays are decoded by
 tensorstore a chunk at a time instead. Every other entry of the directory
 (``common.pt``, extra-state shard directories) is copied verbatim from the
 most-weighted input.
@@ -31,9 +32,10 @@ from caiman_asr_train.export.sharded_averaging import (
     AVERAGING_JSON,
     METADATA_JSON,
     SLICE,
-    add_weighted,
+    WeightedSum,
     is_optimizer_key,
-    round_into,
+    storage_dtype,
+    stored_bits,
 )
 
 __all__ = ["average", "chunk_keys"]
@@ -150,20 +152,20 @@ def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weight
                     f"{path}: array '{key}' has no chunk file '{name}'; the checkpoint is incomplete, "
                     "re-copy or re-save it"
                 )
-    target = _open(build / key, meta, create=True, write=True)
+    target = _open(build / key, meta, create=True, write=True)  # writes the .zarray
     dtype = _torch_dtype(meta["dtype"])
     used = [(path, weight) for path, weight in zip(inputs, weights) if weight > 0]
-    buffer = torch.empty(SLICE, dtype=torch.float64)
-    read = _raw_reader(meta, dtype) if _is_raw(meta) else None
+    sums = WeightedSum(dtype)
+    raw = _is_raw(meta)
+    buffers = (np.empty(SLICE, storage_dtype(dtype)), np.empty(SLICE, storage_dtype(dtype)), np.empty(SLICE))
     for name, region in chunks:
-        if read is None:
-            result = _average_decoded(used, key, region, buffer)
+        if raw:
+            finite = _average_raw(used, key, name, meta, region, build / key / name, sums, buffers)
         else:
-            result = _average_raw(used, key, name, meta, region, read, buffer)
-        if result is None:
+            finite = _average_decoded(used, key, region, target, sums)
+        if not finite:
             bad = next(p for p, _ in used if not bool(torch.isfinite(_read_region(p / key, region)).all()))
             raise non_finite_error(bad, key)
-        target[region].write(_to_numpy(result)).result()
 
 
 def _is_raw(meta: dict) -> bool:
@@ -178,83 +180,94 @@ def _is_raw(meta: dict) -> bool:
     )
 
 
-def _raw_reader(meta: dict, dtype: torch.dtype) -> Callable[[int, int, int], torch.Tensor]:
-    """``read(fd, start, end)``: elements ``start:end`` of a raw chunk file, into a reused buffer."""
-    item = torch.empty((), dtype=dtype).element_size()
-    raw = bytearray(SLICE * item)
-    view = memoryview(raw)
-    elements = torch.frombuffer(raw, dtype=dtype)
-
-    def read(fd: int, start: int, end: int) -> torch.Tensor:
-        wanted = (end - start) * item
-        if os.preadv(fd, [view[:wanted]], start * item) != wanted:
-            raise EOFError
-        return elements[: end - start]
-
-    return read
-
-
 def _average_raw(
     used: list[tuple[Path, float]],
     key: str,
     name: str,
     meta: dict,
     region: tuple[slice, ...],
-    read: Callable[[int, int, int], torch.Tensor],
-    buffer: torch.Tensor,
-) -> Optional[torch.Tensor]:
-    """One chunk, read straight from every input's chunk file one cache-sized slice at a time.
+    output: Path,
+    sums: WeightedSum,
+    buffers: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> bool:
+    """One chunk, read from every input's chunk file and written to ``output`` one cache-sized slice at a time.
 
-    Memory: the output chunk and a few slices, whatever the number of inputs. None when
-    the sum is not finite (the caller finds the input at fault).
+    A raw chunk file is the chunk's bytes, so slices are read and written with ``preadv`` and
+    ``pwrite``: memory holds a few slices whatever the size of the chunk and the number of inputs.
+    False when the average is not finite inside the array (the caller finds the input at fault).
     """
     full = meta["chunks"] or []
     count = math.prod(full)
-    out = torch.empty(count, dtype=_torch_dtype(meta["dtype"]))
-    total = torch.empty(SLICE, dtype=torch.float64)
+    piece, rounded, total = buffers
+    item = piece.itemsize
     fds = [os.open(path / key / name, os.O_RDONLY) for path, _ in used]
+    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         for (path, _), fd in zip(used, fds):
-            if os.fstat(fd).st_size != count * out.element_size():
+            if os.fstat(fd).st_size != count * item:
                 raise CheckpointError(
                     f"{path}: array '{key}' chunk '{name}' has {os.fstat(fd).st_size} bytes, not "
-                    f"{count * out.element_size()}; the checkpoint is damaged, re-copy or re-save it"
+                    f"{count * item}; the checkpoint is damaged, re-copy or re-save it"
                 )
-        finite = True
         for start in range(0, count, SLICE):
-            end = min(start + SLICE, count)
+            n = min(SLICE, count - start)
             for i, ((_, weight), fd) in enumerate(zip(used, fds)):
-                add_weighted(total[: end - start], read(fd, start, end), weight, i == 0, buffer)
-            # Checked here, while the slice is in the cache; the region is checked only if this fails.
-            finite = finite and bool(torch.isfinite(total[: end - start]).all())
-            round_into(out[start:end], total[: end - start])
+                if os.preadv(fd, [piece[:n]], start * item) != n * item:
+                    raise EOFError  # the size was checked: only a file truncated meanwhile gets here
+                sums.add(total[:n], piece[:n], weight, i == 0)
+            # Checked while the slice is in the cache; an edge chunk's padding, which the
+            # array does not hold, does not count.
+            finite = sums.finite(total[:n])
+            if not finite.all() and _inside(np.flatnonzero(~finite) + start, full, region):
+                return False
+            sums.round_into(rounded[:n], total[:n])
+            if os.pwrite(out, rounded[:n], start * item) != n * item:
+                raise OSError(f"{output}: short write")
     finally:
         for fd in fds:
             os.close(fd)
-    # An edge chunk's file holds the whole chunk; the array has only the region's part of it,
-    # and whatever the padding holds does not count.
-    result = out.view(full)[tuple(slice(0, r.stop - r.start) for r in region)] if full else out.view(())
-    return result if finite or bool(torch.isfinite(result).all()) else None
+        os.close(out)
+    return True
+
+
+def _inside(flat: np.ndarray, chunks: list[int], region: tuple[slice, ...]) -> bool:
+    """Whether any of the flat element indices of a chunk lies inside the array (not in an edge chunk's padding)."""
+    if not chunks:
+        return flat.size > 0
+    index = np.unravel_index(flat, chunks)
+    inside = np.ones(flat.size, dtype=bool)
+    for axis, r in zip(index, region):
+        inside &= axis < r.stop - r.start
+    return bool(inside.any())
 
 
 def _average_decoded(
-    used: list[tuple[Path, float]], key: str, region: tuple[slice, ...], buffer: torch.Tensor
-) -> Optional[torch.Tensor]:
+    used: list[tuple[Path, float]],
+    key: str,
+    region: tuple[slice, ...],
+    target: ts.TensorStore,
+    sums: WeightedSum,
+) -> bool:
     """One chunk of compressed or filtered arrays, each input's chunk decoded by tensorstore in turn.
 
-    None when the sum is not finite (the caller finds the input at fault).
+    False when the sum is not finite (the caller finds the input at fault).
     """
     total = None
     for i, (path, weight) in enumerate(used):
         piece = _read_region(path / key, region)
         if total is None:
-            total = torch.empty(piece.numel(), dtype=torch.float64)
-        add_weighted(total, piece.reshape(-1), weight, i == 0, buffer)
-    if not bool(torch.isfinite(total).all()):
-        return None
+            total = np.empty(piece.numel())
+        bits = stored_bits(piece)
+        for start in range(0, bits.size, SLICE):
+            sums.add(total[start : start + SLICE], bits[start : start + SLICE], weight, i == 0)
     out = torch.empty(piece.shape, dtype=piece.dtype)
-    round_into(out.view(-1), total)
-    return out
+    bits = stored_bits(out)
+    for start in range(0, bits.size, SLICE):
+        if not sums.finite(total[start : start + SLICE]).all():
+            return False
+        sums.round_into(bits[start : start + SLICE], total[start : start + SLICE])
+    target[region].write(_to_numpy(out)).result()
+    return True
 
 
 def _read_region(array: Path, region: tuple[slice, ...]) -> torch.Tensor:
