@@ -48,6 +48,7 @@ from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.data.dataset import AudioDataset
 from caiman_asr_train.data.features import SpeedPerturbation, norm_weight
 from caiman_asr_train.data.sampler import BucketingSampler
+from caiman_asr_train.evaluate.decoding import build_decoder, encoder_frame_seconds
 from caiman_asr_train.export.checkpointer import Checkpointer, asset_sha256, first_non_finite
 from caiman_asr_train.export.hardware_ckpt import hw_path
 from caiman_asr_train.rnnt import config
@@ -174,11 +175,11 @@ class Trainer:
         self.train_pipeline = build_pipeline(self.cfg, "train").to(self.device).train()
         self.train_items, self.sampler = self._build_training_data()
         self.batch_size = self.sampler.batch_size
-        self.validator = self._build_validator()
 
         torch.manual_seed(args.seed)
         self.model = build_model(self.cfg, self.tokenizer).to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.validator = self._build_validator()
         self.optimizer = build_optimizer(
             self.model.param_groups(args.lr), args.optimizer, args.lr, args.weight_decay, self.device
         )
@@ -249,12 +250,13 @@ class Trainer:
         return TrainItems(dataset, speed), sampler
 
     def _build_validator(self) -> Validator:
-        """Greedy WER on this process's share of the dev manifests, shortest utterances first."""
+        """WER (``--decoder``) on this process's share of the dev manifests, shortest utterances first."""
         args = self.args
         entries = sorted(
             read_entries(args.val_manifests, args.dataset_dir), key=lambda e: e["files"][0]["duration"]
         )
         scoring = scoring_settings(self.cfg)
+        pipeline = build_pipeline(self.cfg, "val").to(self.device).eval()
         return Validator(
             dataset=AudioDataset(
                 entries[self.dist.rank :: self.dist.world_size],
@@ -262,7 +264,7 @@ class Trainer:
                 self.sample_rate,
                 **text_settings(self.cfg, "val"),
             ),
-            pipeline=build_pipeline(self.cfg, "val").to(self.device).eval(),
+            pipeline=pipeline,
             tokenizer=self.tokenizer,
             sample_rate=self.sample_rate,
             final_padding_secs=args.val_final_padding_secs,
@@ -272,6 +274,13 @@ class Trainer:
             device=self.device,
             dist=self.dist,
             seed=args.seed,
+            decoder=build_decoder(
+                args,
+                self.tokenizer,
+                frame_seconds=encoder_frame_seconds(pipeline, self.model, self.sample_rate),
+                source=str(self.config_path),
+                config_ngram=config.ngram(self.cfg) if "ngram" in self.cfg else None,
+            ),
         )
 
     def _build_loss_module(self) -> torch.nn.Module:
@@ -344,7 +353,8 @@ class Trainer:
         self.last_wer = wer
         improved = wer < self.best_wer and self.norm_weight() == 1.0
         self.log.info(
-            f"step {self.step}: dev WER {100 * wer:.2f}% of {words} words (EMA model)"
+            f"step {self.step}: dev WER {100 * wer:.2f}% of {words} words (EMA model, "
+            f"{self.validator.decoder.description})"
             + (f"; best so far, saving {self.checkpointer.best_path.name}" if improved else "")
         )
         self.log.scalars(self.step, {"dev/wer": wer})

@@ -394,6 +394,21 @@ def test_bad_export_flags_stop_the_run_before_training(corpus, tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+def test_beam_decoder_flags_make_validation_use_beam_search(corpus, tmp_path):
+    out = tmp_path / "run"
+    beam = ("--decoder", "beam", "--beam_width", "2", "--val_frequency", "1")
+    assert train.main(run_args(corpus, out, "--training_steps", "2", *beam)) == 0
+    lines = [line for line in (out / "train.log").read_text().splitlines() if "dev WER" in line]
+    # Step 1, step 2 and the end: every validation names the decoder (the run skips the config's n-gram).
+    assert lines and all("(EMA model, beam search, width 2, no n-gram)" in line for line in lines)
+
+
+def test_bad_decoder_flags_stop_the_run_before_training(corpus, tmp_path):
+    with pytest.raises(UserError, match="--beam_width must be >= 1"):
+        train.main(run_args(corpus, tmp_path / "run", "--decoder", "beam", "--beam_width", "0"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_refuses_an_output_dir_with_checkpoints_unless_resuming(corpus, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

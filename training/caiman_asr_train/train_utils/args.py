@@ -9,6 +9,7 @@ import argparse
 from typing import Sequence
 
 from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.evaluate.decoding import add_decoder_args, check_decoder_args
 from caiman_asr_train.train_utils.conversion import add_export_args
 from caiman_asr_train.train_utils.optim import OPTIMIZERS
 from caiman_asr_train.utils.paths import REPO_ROOT
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train an RNN-T and export hardware checkpoints when training ends.",
         formatter_class=_HelpFormatter,
+        # --skip_ngram of the decoding flags is redefined below for the export as well.
+        conflict_handler="resolve",
     )
     io = p.add_argument_group("data and files")
     io.add_argument(
@@ -182,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="export hardware checkpoints of models that are not FPGA variants (software use only; the demo needs it)",
     )
     run.add_argument(
-        "--skip_ngram", action="store_true", help="export hardware checkpoints without the n-gram"
-    )
-    run.add_argument(
         "--num_gpus",
         type=int,
         default=1,
@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--num_buckets", type=int, default=6, help="duration buckets for batching (1: plain shuffling)"
+    )
+    add_decoder_args(p)
+    # One flag for both uses of the config's n-gram: beam validation and the hardware export.
+    p.add_argument(
+        "--skip_ngram",
+        action="store_true",
+        help="validate (with --decoder beam) and export hardware checkpoints without the config's n-gram",
     )
     add_export_args(p)
     return p
@@ -267,6 +274,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--fine_tune needs --ckpt (the checkpoint whose weights to start from)")
     if args.ckpt and not (args.resume or args.fine_tune):
         raise UserError("--ckpt is used only with --resume or --fine_tune; add one of them")
+    check_decoder_args(args)
     if args.keep_last_n is not None and args.keep_last_n < 1:
         raise UserError(f"--keep_last_n must be >= 1, got {args.keep_last_n}")
 

@@ -1,4 +1,5 @@
-"""Validation during training: greedy WER of the EMA model on this process's shard of the dev set."""
+"""Validation during training: WER of the EMA model (greedy or beam search) on this process's shard of the
+dev set."""
 
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ from torch.utils.data import DataLoader
 from caiman_asr_train.data.dataset import AudioDataset, collate
 from caiman_asr_train.data.features import FeaturePipeline
 from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.evaluate.decoding import Decoder
 from caiman_asr_train.evaluate.evaluator import evaluate
 from caiman_asr_train.train_utils import distributed as dist_utils
 from caiman_asr_train.train_utils.rng import derive_seed, generator
@@ -15,7 +17,8 @@ from caiman_asr_train.train_utils.rng import derive_seed, generator
 
 @dataclass
 class Validator:
-    """Greedy WER of a model on this process's shard of the dev manifests, summed over processes."""
+    """WER of a model decoded with ``decoder`` on this process's shard of the dev manifests, summed over
+    processes."""
 
     dataset: AudioDataset
     pipeline: FeaturePipeline
@@ -28,6 +31,7 @@ class Validator:
     device: torch.device
     dist: dist_utils.DistInfo
     seed: int
+    decoder: Decoder
 
     def __call__(self, model: torch.nn.Module) -> tuple[float, int]:
         """Returns (error rate as a fraction, reference words)."""
@@ -48,6 +52,7 @@ class Validator:
             device=self.device,
             progress=False,
             generator=generator(derive_seed(self.seed, 0), self.device),
+            decoder=self.decoder,
         )
         model.train(was_training)
         errors, words = dist_utils.all_sum([result.errors, result.words], self.dist, self.device)
