@@ -83,7 +83,9 @@ def step_in_parts(trainer: "train.Trainer", batches: "train.TrainBatches", times
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps, for each of the two timings")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed optimizer steps, for each of the two timings"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, thread pools)")
     parser.add_argument(
         "--skip_validation", action="store_true", help="do not time a validation pass (a large dev set)"
@@ -94,7 +96,9 @@ def main() -> None:
         argv = [*args.train_args, "--output_dir", output_dir]
         train_args = train.parse_args(argv)
         if train_args.grad_accumulation_batches != 1:
-            parser.error("the per-part timing covers one micro-batch per step; drop --grad_accumulation_batches")
+            parser.error(
+                "the per-part timing covers one micro-batch per step; drop --grad_accumulation_batches"
+            )
         trainer = train.Trainer(train_args, argv, DistInfo())
         trainer.model.train()
         with train.TrainBatches(
