@@ -27,11 +27,8 @@ from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
 from caiman_asr_train.evaluate.evaluator import featurize
 from caiman_asr_train.evaluate.wer import word_error_rate
-from caiman_asr_train.export.checkpointer import recorded_config
 from caiman_asr_train.export.hardware_ckpt import save_hardware_ckpt
-from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.utils.paths import REPO_ROOT
 from caiman_asr_train.val import DEFAULT_MODEL_CONFIG, Validatable, load_for_validation
 
 DEFAULT_SCALE_FACTORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
@@ -175,22 +172,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise CheckpointError(
             f"{args.ckpt} is a training checkpoint; --output_hw needs a hardware checkpoint as --ckpt"
         )
-    ckpt = read_checkpoint(args.ckpt)
-    embedded = ckpt["ngram"] if target.kind == "hardware" else None
-    cfg_ngram = None
-    if target.kind != "hardware":
-        # The config load_for_validation used: --model_config, else the recorded one, else the demo's.
-        cfg = recorded_config(ckpt) if args.model_config is None else None
-        cfg = cfg or config.load(args.model_config or REPO_ROOT / DEFAULT_MODEL_CONFIG)
-        cfg_ngram = config.ngram(cfg) if "ngram" in cfg else None
-    del ckpt
     decoder = build_decoder(
         args,
         target.tokenizer,
         frame_seconds=encoder_frame_seconds(target.pipeline, target.model, target.sample_rate),
         source=str(args.ckpt),
-        embedded_ngram=embedded,
-        config_ngram=cfg_ngram,
+        embedded_ngram=target.embedded_ngram,
+        config_ngram=target.config_ngram,
     )
     if decoder.ngram is None:
         raise UserError(f"{args.ckpt} has no n-gram to sweep; pass --override_ngram_path FILE")
