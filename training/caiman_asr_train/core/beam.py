@@ -450,8 +450,3 @@ def sentencepiece_pieces(model_bytes: bytes) -> list[str]:
 def user_token_ids(pieces: Sequence[str]) -> list[int]:
     """Ids of user-defined tokens such as ``<EOS>``: pieces written as ``<...>``, other than ``<unk>``."""
     return [i for i, p in enumerate(pieces) if len(p) > 2 and p[0] == "<" and p[-1] == ">" and p != "<unk>"]
-
-
-def frame_seconds(window_stride: float, frame_subsampling: int, enc_stack_time_factor: int) -> float:
-    """Duration of one encoder frame in seconds (e.g. 0.01 * 3 * 2 = 0.06)."""
-    return window_stride * frame_subsampling * enc_stack_time_factor

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caiman_asr_train.core.beam import BeamOptions, BeamSearch, frame_seconds, user_token_ids
+from caiman_asr_train.core.beam import BeamOptions, BeamSearch, user_token_ids
 from caiman_asr_train.core.decoder import greedy_decode
 from caiman_asr_train.core.errors import DataError
 from caiman_asr_train.core.keywords import Keywords, load_keywords
@@ -194,7 +194,6 @@ def test_forced_finals_keep_the_best_reading_once_the_emission_threshold_passes(
 
 def test_user_tokens_are_pieces_in_angle_brackets():
     assert user_token_ids(["<unk>", "\u2581a", "<EOS>", "<", "b>"]) == [2]
-    assert frame_seconds(0.01, 3, 2) == pytest.approx(0.06)
 
 
 def test_empty_utterances_decode_to_nothing(trained):
