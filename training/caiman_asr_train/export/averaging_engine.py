@@ -25,7 +25,9 @@ The result is a training checkpoint (SPEC section 8): averaged ``state_dict``
 and ``ema_state_dict`` (the averaged raw weights again when some input has no
 EMA), ``optimizer`` None, ``epoch``, ``step`` and ``best_wer`` of the newest
 input, ``tokenizer_kw`` of the first, ``logmel_norm_weight`` (all inputs must
-agree), the newest input's ``config_path`` and ``config_text`` when present, and
+agree), the newest input's self-description (``config_path``, ``model_config``,
+``config``, ``asset_sha256``) when present, so that the average exports and
+validates without ``--model_config`` as its inputs do, and
 ``averaging``: the inputs, their steps, WERs, WER sources and weights. It has no
 ``dev_wer``: nobody has measured the average yet.
 """
@@ -55,7 +57,7 @@ from caiman_asr_train.export.averaging_selection import (
     resolve_weights,
     stem,
 )
-from caiman_asr_train.export.checkpointer import TRAINING_CHECKPOINT_KEYS
+from caiman_asr_train.export.checkpointer import SELF_DESCRIPTION_KEYS, TRAINING_CHECKPOINT_KEYS
 
 __all__ = ["AVERAGING_KEY", "average_checkpoints", "select_checkpoints"]
 
@@ -173,7 +175,7 @@ def average_checkpoints(
             "ema_averaged": "ema_state_dict" in entries,
         },
     }
-    for key in ("config_path", "config_text"):  # which config trained the run, as train.py records it
+    for key in SELF_DESCRIPTION_KEYS:
         if key in newest_ckpt:
             result[key] = newest_ckpt[key]
     return result

@@ -7,10 +7,9 @@ than EMA alone. From the repository root::
     python -m caiman_asr_train.export.checkpoint_averaging --checkpoint_dir results \\
         --top_n 3 --output_path results/avg.pt
 
-    # the newest 3 step checkpoints, straight into a hardware checkpoint
+    # the newest 3 step checkpoints, straight into a hardware checkpoint (with the config they recorded)
     python -m caiman_asr_train.export.checkpoint_averaging --checkpoint_dir results \\
-        --last_n 3 --output_hw results/avg.hw.pt --model_config training/configs/demo.yaml \\
-        --skip_state_dict_check
+        --last_n 3 --output_hw results/avg.hw.pt --skip_state_dict_check
 
     # sharded checkpoints (zarr or torch DCP directories), NeMo's flags
     python -m caiman_asr_train.export.checkpoint_averaging --name_prefix megatron_gpt \\
@@ -25,8 +24,10 @@ mean sharded checkpoints. Selection and weighting are the same for both
 ``--top_n`` by dev WER, ``--last_n``, ``--weights``, otherwise inverse-WER.
 
 Outputs for single files (written atomically). ``--output_path``: a training
-checkpoint (SPEC section 8). ``--output_hw`` with ``--model_config``: a
-hardware checkpoint made from it by ``create_hardware_ckpt``. ``--output_hw``
+checkpoint (SPEC section 8) that records the newest input's config, like the
+inputs train.py wrote. ``--output_hw``: a hardware checkpoint made from it by
+``create_hardware_ckpt`` with that config (``--model_config`` for older
+checkpoints that record none). ``--output_hw``
 with ``--input_hw``: a copy of that hardware checkpoint with the averaged EMA
 weights (and the newest input's epoch, step and best_wer) in place of its own.
 For sharded checkpoints: the directory ``<checkpoint_dir>/<name_prefix>-averaged``
@@ -48,6 +49,7 @@ from caiman_asr_train.export.averaging_selection import (
     parse_steps,
     resolve_weights,
 )
+from caiman_asr_train.export.checkpointer import recorded_config
 from caiman_asr_train.export.hardware_ckpt import (
     create_hardware_ckpt,
     hardware_ckpt_with_weights,
@@ -132,24 +134,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "weights) instead of dropping it",
     )
     parser.add_argument(
-        "--output_hw", help="write an averaged hardware checkpoint here; needs --model_config or --input_hw"
+        "--output_hw",
+        help="write an averaged hardware checkpoint here, built with the config the newest input recorded "
+        "(or --model_config), or copied from --input_hw",
     )
     parser.add_argument(
-        "--model_config", help="with --output_hw: YAML config to build the hardware checkpoint from"
+        "--model_config",
+        help="with --output_hw: YAML config to build the hardware checkpoint from (default: the config the "
+        "newest input recorded; older checkpoints record none)",
     )
     parser.add_argument(
         "--input_hw",
         help="with --output_hw: hardware checkpoint to copy, with the averaged EMA weights in place of its own",
     )
-    parser.add_argument("--skip_ngram", action="store_true", help="with --model_config: embed no n-gram")
+    parser.add_argument("--skip_ngram", action="store_true", help="with --output_hw (built): embed no n-gram")
     parser.add_argument(
         "--override_ngram_path",
-        help="with --model_config: KenLM binary to embed instead of the config's ngram_path",
+        help="with --output_hw (built): KenLM binary to embed instead of the config's ngram_path",
     )
     parser.add_argument(
         "--skip_state_dict_check",
         action="store_true",
-        help="with --model_config: accept weights matching no FPGA variant (software-only hardware checkpoint)",
+        help="with --output_hw (built): accept weights matching no FPGA variant (software-only hardware checkpoint)",
     )
     parser.add_argument(
         "--dry_run", action="store_true", help="print the selection and weights, write nothing"
@@ -195,13 +201,13 @@ def _check_args(args: argparse.Namespace, sharded: bool) -> None:
         raise UserError("--checkpoint_dir needs exactly one of --top_n, --last_n and --steps")
     if not args.dry_run and not (args.output_path or args.output_hw):
         raise UserError("nothing to write; give --output_path and/or --output_hw (or --dry_run)")
-    if args.output_hw and bool(args.model_config) == bool(args.input_hw):
-        raise UserError("--output_hw needs exactly one of --model_config (build) and --input_hw (copy)")
+    if args.model_config and args.input_hw:
+        raise UserError("--model_config (build) and --input_hw (copy) exclude each other; pass at most one")
     if not args.output_hw and (args.model_config or args.input_hw):
         raise UserError("--model_config and --input_hw only apply with --output_hw")
     hw_flags = [f for f in ("skip_ngram", "override_ngram_path", "skip_state_dict_check") if getattr(args, f)]
-    if hw_flags and not args.model_config:
-        raise UserError(f"--{hw_flags[0]} only applies with --output_hw and --model_config")
+    if hw_flags and (args.input_hw or not args.output_hw):
+        raise UserError(f"--{hw_flags[0]} only applies with --output_hw without --input_hw")
     if (
         args.output_hw
         and args.output_path
@@ -272,6 +278,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     # Fail on a bad config or hardware checkpoint before the averaging, not after it.
     cfg = config.load(args.model_config) if args.model_config else None
+    if args.output_hw and not (cfg or args.input_hw):
+        for path in paths:
+            if recorded_config(read_checkpoint(path, mmap=True)) is None:
+                raise UserError(
+                    f"{path} records no config (saved before checkpoints carried one); pass --model_config "
+                    "with --output_hw"
+                )
     input_hw = None
     if args.input_hw:
         input_hw = read_checkpoint(args.input_hw, mmap=True)

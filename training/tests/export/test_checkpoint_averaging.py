@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
+from caiman_asr_train import val
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.export import averaging_engine as engine
 from caiman_asr_train.export import averaging_selection as selection
 from caiman_asr_train.export import checkpoint_averaging as ca
-from caiman_asr_train.export.checkpointer import Checkpointer, read_checkpoint
+from caiman_asr_train.export.checkpointer import Checkpointer, asset_sha256, read_checkpoint
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
@@ -191,10 +192,12 @@ def test_averaging_one_checkpoint_reproduces_it_exactly(tmp_path, assets):
 
 
 def test_output_metadata_comes_from_the_newest_input(tmp_path, assets):
-    old = save(tmp_path, assets, 900, seed=1, epoch=9, best_wer=0.3, config_text="old")
-    new = save(tmp_path, assets, 1200, seed=2, epoch=12, best_wer=0.2, config_text="new")
+    cfg = config.load(assets["config"])
+    old = save(tmp_path, assets, 900, seed=1, epoch=9, best_wer=0.3, config={**cfg, "note": "old"})
+    new = save(tmp_path, assets, 1200, seed=2, epoch=12, best_wer=0.2, config={**cfg, "note": "new"})
     avg = engine.average_checkpoints([new, old], progress=False, log=quiet)
-    assert (avg["epoch"], avg["step"], avg["best_wer"], avg["config_text"]) == (12, 1200, 0.2, "new")
+    assert (avg["epoch"], avg["step"], avg["best_wer"], avg["config"]["note"]) == (12, 1200, 0.2, "new")
+    assert avg["model_config"] == read_checkpoint(new)["model_config"] is not None
     assert avg["config_path"] is None  # as the Checkpointer wrote it
     assert avg["averaging"]["inputs"] == [str(new), str(old)]
     assert avg["averaging"]["steps"] == [1200, 900]
@@ -456,6 +459,34 @@ def test_output_hw_from_model_config_loads_with_load_hw_checkpoint(tmp_path, ass
     assert loaded.step == 300 and loaded.ngram == {"binary": None, "scale_factor": None}
 
 
+def test_an_average_of_self_describing_checkpoints_exports_and_validates_without_a_config(tmp_path, assets):
+    cfg = config.load(assets["config"])
+    hashes = asset_sha256(cfg)
+    paths = [save(tmp_path, assets, 100 * i, seed=i, config=cfg, asset_sha256=hashes) for i in (1, 2)]
+    avg, avg_hw = tmp_path / "avg.pt", tmp_path / "avg.hw.pt"
+    run_cli_ok(
+        ["--ckpts", *map(str, paths), "--output_path", str(avg), "--output_hw", str(avg_hw), "--skip_ngram"]
+        + ["--skip_state_dict_check"]
+    )
+    expected = weighted(paths, [0.5, 0.5], "ema_state_dict")
+    assert read_checkpoint(avg)["asset_sha256"] == hashes
+    assert_weights_equal(load_hw_checkpoint(avg_hw).model.state_dict(), expected)
+    # val.py reads the average's recorded config: no --model_config.
+    target = val.load_for_validation(avg, None, torch.device("cpu"))
+    assert target.kind == "training" and target.step == 200
+    assert_weights_equal(target.model.state_dict(), expected)
+
+
+def test_output_hw_of_checkpoints_that_record_no_config_asks_for_one(tmp_path, assets, capsys):
+    paths = [save(tmp_path, assets, 100 * i, seed=i) for i in (1, 2)]
+    with pytest.raises(SystemExit):
+        run_cli(lambda: ca.main(["--ckpts", *map(str, paths), "--output_hw", str(tmp_path / "avg.hw.pt")]))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "records no config" in err and "--model_config" in err, err
+    assert "\n" not in err
+    assert not (tmp_path / "avg.hw.pt").exists()
+
+
 def test_output_hw_passes_the_ngram_override_through(tmp_path, assets, kenlm_files):
     paths = [save(tmp_path, assets, 100 * i, seed=i) for i in (1, 2)]
     out = tmp_path / "avg.hw.pt"
@@ -531,7 +562,11 @@ def run_cli_ok(argv: list[str]) -> None:
         (["--weights", "1"], "error: --weights: got 1 weight(s) for 2 checkpoint(s)"),
         (["--weights", "1", "-2"], "error: --weights: -2.0 is not a finite number >= 0"),
         (["--weights", "0", "0"], "error: --weights: the weights sum to 0"),
-        (["--output_hw", "x.hw.pt"], "error: --output_hw needs exactly one of --model_config"),
+        (
+            ["--output_hw", "x.hw.pt", "--model_config", "c.yaml", "--input_hw", "h.hw.pt"],
+            "error: --model_config (build) and --input_hw (copy) exclude each other",
+        ),
+        (["--skip_ngram"], "error: --skip_ngram only applies with --output_hw without --input_hw"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, assets, capsys, extra, message):
