@@ -38,3 +38,8 @@ sherpa-onnx bundle (``sherpa-onnx`` target, ``model_type="nemo_transducer"``):
 frame splicing inside), ``decoder.onnx``, ``joiner.onnx``, ``tokens.txt``; see
 ``deploy.sherpa``.
 """
+
+# Weight formats of the quantized exports (deploy/quantize.py). Defined here,
+# free of torch, so that command lines can check a --quantize_type cheaply.
+QUANTIZE_TYPES = ("int8_per_channel", "int8_blockwise", "int4_per_channel", "int4_blockwise")
+DEFAULT_QUANTIZE_TYPE = "int8_per_channel"

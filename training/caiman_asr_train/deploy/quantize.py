@@ -24,12 +24,11 @@ from torch import Tensor
 from caiman_asr_train.core.errors import ExportError, UserError
 from caiman_asr_train.core.load_hw import validate_hw_checkpoint
 from caiman_asr_train.core.quantized import BITS, QUANTIZATION_KEY, QUANTIZED_STATE_DICT_KEY
+from caiman_asr_train.deploy import QUANTIZE_TYPES
 from caiman_asr_train.utils.atomic import atomic_torch_save
 
 PathLike = Union[str, Path]
 
-QUANTIZE_TYPES = ("int8_per_channel", "int8_blockwise", "int4_per_channel", "int4_blockwise")
-DEFAULT_QUANTIZE_TYPE = "int8_per_channel"
 DEFAULT_BLOCK_SIZE = 128
 # The graphs holding model weights in each bundle; the features graph's DFT and
 # mel matrices are signal processing, not weights, and stay float32.

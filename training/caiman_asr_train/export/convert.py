@@ -41,6 +41,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from caiman_asr_train.core.errors import ExportError
+from caiman_asr_train.deploy import DEFAULT_QUANTIZE_TYPE, QUANTIZE_TYPES
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import hw_path
 from caiman_asr_train.utils.atomic import atomic_write_bytes
@@ -62,7 +63,6 @@ SERVERS = ("myrtle-fpga", "onnxruntime", "sherpa-onnx", "triton")
 # The FPGA server takes float32 weights only (SPEC section 13).
 QUANTIZABLE = ("onnxruntime", "sherpa-onnx", "triton")
 SELECTIONS = ("best", "last", "all")
-DEFAULT_QUANTIZE_TYPE = "int8_per_channel"
 MANIFEST_NAME = "manifest.json"
 # Bump when the manifest's keys change meaning.
 MANIFEST_FORMAT = 1
@@ -184,7 +184,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.quantize_type is None and args.quantize_weights:
         args.quantize_type = DEFAULT_QUANTIZE_TYPE
     if args.quantize_type is not None:
-        types = _quantize_types()
+        types = QUANTIZE_TYPES
         if args.quantize_type not in types:
             raise ExportError(
                 f"--quantize_type {args.quantize_type}: unknown type; choose from {', '.join(types)}"
@@ -212,13 +212,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if not value or "/" in value or value in (".", ".."):
             raise ExportError(f"--{name} {value!r}: must be a non-empty name without '/'")
     return args
-
-
-def _quantize_types() -> tuple[str, ...]:
-    # Imported here so that a mistyped flag is reported without loading torch first.
-    from caiman_asr_train.deploy.quantize import QUANTIZE_TYPES
-
-    return tuple(QUANTIZE_TYPES)
 
 
 def filesystem(url: str, flag: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -41,6 +41,7 @@ from caiman_asr_train.core.errors import CheckpointError, ExportError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint, validate_hw_checkpoint
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.tokenizer import Tokenizer
+from caiman_asr_train.deploy import DEFAULT_QUANTIZE_TYPE, QUANTIZE_TYPES
 from caiman_asr_train.deploy.onnxruntime_bundle import FINAL_PADDING_SECS, HW_TEXT, write_onnxruntime_bundle
 from caiman_asr_train.deploy.sherpa import write_sherpa_bundle
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, fpga_variant, save_hardware_ckpt
@@ -53,8 +54,6 @@ from caiman_asr_train.utils.cli import run_cli
 PathLike = Union[str, Path]
 
 TARGETS = ("myrtle-fpga", "onnxruntime", "sherpa-onnx", "pytorch")
-# QUANT's caiman_asr_train.deploy.quantize.QUANTIZE_TYPES, listed here for --help without importing it.
-QUANTIZE_TYPES = ("int8_per_channel", "int8_blockwise", "int4_per_channel", "int4_blockwise")
 HW_FILE = "model.hw.pt"
 QUANTIZED_FILE = "model.q.pt"
 
@@ -377,7 +376,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quantize_type",
         choices=QUANTIZE_TYPES,
         default=None,
-        help="weight format (default with --quantize_weights: int8_per_channel)",
+        help=f"weight format (default with --quantize_weights: {DEFAULT_QUANTIZE_TYPE})",
     )
     parser.add_argument(
         "--block_size", type=int, default=128, help="input-axis block of the blockwise types (default: 128)"
@@ -398,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ExportError("--quantize_type needs --quantize_weights")
     if args.num_utterances is not None and args.num_utterances < 1:
         raise ExportError(f"--num_utterances must be >= 1, got {args.num_utterances}")
-    quantize_type = (args.quantize_type or QUANTIZE_TYPES[0]) if args.quantize_weights else None
+    quantize_type = (args.quantize_type or DEFAULT_QUANTIZE_TYPE) if args.quantize_weights else None
     summary = export_inference(
         args.ckpt,
         args.target,
