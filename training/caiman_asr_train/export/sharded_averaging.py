@@ -200,12 +200,13 @@ class WeightedSum:
         # (exponent field 0, other than zeros, whose bits are right) are rounded by the reference.
         check = self._check[:n]
         np.bitwise_and(out, np.uint16(_BF16_EXPONENT), out=check)
-        if not check.all():
-            small = np.flatnonzero(check == 0)
-            small = small[total[small] != 0]
-            out[small] = (
-                round_half_even(torch.from_numpy(total[small]), torch.bfloat16).view(torch.uint16).numpy()
-            )
+        if check.all():
+            return
+        small = np.flatnonzero(check == 0)
+        small = small[total[small] != 0]
+        if small.size:
+            exact = round_half_even(torch.from_numpy(total[small]), torch.bfloat16)
+            out[small] = exact.view(torch.uint16).numpy()
 
 
 def stored_bits(tensor: Tensor) -> np.ndarray:

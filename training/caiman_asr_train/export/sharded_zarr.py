@@ -13,11 +13,14 @@ tensorstore a chunk at a time instead. Every other entry of the directory
 most-weighted input.
 """
 
+import concurrent.futures
+import functools
 import itertools
 import json
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,8 +47,8 @@ Log = Callable[[str], None]
 
 ZARRAY = ".zarray"
 _GRID_FIELDS = ("shape", "chunks", "dtype")
-# The output is synced once, file by file, before its directory is renamed into place
-# (sharded_averaging), rather than chunk by chunk as it is written.
+# tensorstore does not sync what it writes (the .zarray, decoded arrays' chunks): the output is synced
+# file by file before its directory is renamed into place (sharded_averaging), not at every write.
 _CONTEXT = ts.Context({"file_io_sync": False})
 _FLOAT_DTYPES = {"bfloat16", "<f2", "<f4", "<f8", ">f2", ">f4", ">f8"}
 
@@ -67,6 +70,7 @@ def average(
                 f"{other}: no array '{key}' (which {holder} has); average checkpoints of the same model"
             )
     averaged = copied = 0
+    tasks: list[Callable[[], None]] = []  # every array is checked before any is averaged
     for key in sorted(arrays):
         metas = [_zarray(path, key) for path in inputs]
         if is_optimizer_key(key) and not keep_optimizer:
@@ -82,8 +86,9 @@ def average(
                         f"{path}: array '{key}' has {field} {meta[field]} but {inputs[0]} has {metas[0][field]}; "
                         "average checkpoints of the same model saved with the same precision and chunking"
                     )
-        _average_array(inputs, build, key, metas[0], weights)
+        tasks.extend(_chunk_tasks(inputs, build, key, metas[0], weights))
         averaged += 1
+    _run_all(tasks)
     for name in sorted(others):
         source = inputs[keeper] / name
         if source.is_dir():
@@ -143,7 +148,10 @@ def _open(path: Path, metadata: Optional[dict] = None, **options: bool) -> ts.Te
     return ts.open(spec, context=_CONTEXT, **options).result()
 
 
-def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weights: list[float]) -> None:
+def _chunk_tasks(
+    inputs: list[Path], build: Path, key: str, meta: dict, weights: list[float]
+) -> list[Callable[[], None]]:
+    """Create the output array ``key`` (its ``.zarray``) and return one task per chunk that averages it."""
     chunks = chunk_keys(meta)
     for path in inputs:
         for name, _ in chunks:
@@ -152,20 +160,57 @@ def _average_array(inputs: list[Path], build: Path, key: str, meta: dict, weight
                     f"{path}: array '{key}' has no chunk file '{name}'; the checkpoint is incomplete, "
                     "re-copy or re-save it"
                 )
-    target = _open(build / key, meta, create=True, write=True)  # writes the .zarray
-    dtype = _torch_dtype(meta["dtype"])
+    target = _open(build / key, meta, create=True, write=True)
     used = [(path, weight) for path, weight in zip(inputs, weights) if weight > 0]
-    sums = WeightedSum(dtype)
-    raw = _is_raw(meta)
-    buffers = (np.empty(SLICE, storage_dtype(dtype)), np.empty(SLICE, storage_dtype(dtype)), np.empty(SLICE))
-    for name, region in chunks:
-        if raw:
-            finite = _average_raw(used, key, name, meta, region, build / key / name, sums, buffers)
-        else:
-            finite = _average_decoded(used, key, region, target, sums)
-        if not finite:
-            bad = next(p for p, _ in used if not bool(torch.isfinite(_read_region(p / key, region)).all()))
-            raise non_finite_error(bad, key)
+    return [
+        functools.partial(_average_chunk, used, key, name, region, meta, target, build / key / name)
+        for name, region in chunks
+    ]
+
+
+def _run_all(tasks: list[Callable[[], None]]) -> None:
+    """Run the chunk tasks on a thread per core: numpy and file IO release the GIL, and chunks are
+    independent, so no thread waits for another (unlike a thread pool inside every operation)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        futures = [pool.submit(task) for task in tasks]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+_scratch = threading.local()
+
+
+def _average_chunk(
+    used: list[tuple[Path, float]],
+    key: str,
+    name: str,
+    region: tuple[slice, ...],
+    meta: dict,
+    target: ts.TensorStore,
+    output: Path,
+) -> None:
+    """Average one chunk of every input into the output array, with this thread's reused buffers."""
+    dtype = _torch_dtype(meta["dtype"])
+    per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
+    if dtype not in per_dtype:
+        storage = storage_dtype(dtype)
+        per_dtype[dtype] = (
+            WeightedSum(dtype),
+            (np.empty(SLICE, storage), np.empty(SLICE, storage), np.empty(SLICE)),
+        )
+    sums, buffers = per_dtype[dtype]
+    if _is_raw(meta):
+        finite = _average_raw(used, key, name, meta, region, output, sums, buffers)
+    else:
+        finite = _average_decoded(used, key, region, target, sums)
+    if not finite:
+        bad = next(p for p, _ in used if not bool(torch.isfinite(_read_region(p / key, region)).all()))
+        raise non_finite_error(bad, key)
 
 
 def _is_raw(meta: dict) -> bool:
@@ -223,6 +268,8 @@ def _average_raw(
             sums.round_into(rounded[:n], total[:n])
             if os.pwrite(out, rounded[:n], start * item) != n * item:
                 raise OSError(f"{output}: short write")
+        # Synced here, while the other threads compute, rather than all at once before the rename.
+        os.fsync(out)
     finally:
         for fd in fds:
             os.close(fd)
