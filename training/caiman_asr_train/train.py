@@ -428,7 +428,7 @@ class Trainer:
         batches = TrainBatches(
             self.train_items, self.sampler, self.sampler.consumed, args.seed, self.dist.rank, args.num_workers
         )
-        with PreemptionHandler() as preemption, batches:
+        with PreemptionHandler(notify=self.log.error) as preemption, batches:
             try:
                 stop_signal = self._train_until_done_or_stopped(batches, preemption)
             except TrainingDiverged as exc:

@@ -277,6 +277,7 @@ def test_sigterm_saves_last_checkpoint_and_exports_both_hardware_checkpoints(cor
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "SIGTERM received" in stderr
+    assert "SIGTERM received" in (out / "train.log").read_text()
 
     last = read_checkpoint(out / "RNN-T_last_checkpoint.pt")
     assert 3 <= last["step"] < 100000
@@ -498,4 +499,4 @@ def test_help_shows_the_values_the_other_arguments_give(capsys):
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "peak learning rate (default: 0.25)" in out
-    assert "export hardware checkpoints without the n-gram (default: True)" in out
+    assert "export hardware checkpoints without the config's n-gram (default: True)" in out

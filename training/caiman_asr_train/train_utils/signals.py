@@ -5,9 +5,13 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class PreemptionHandler:
@@ -19,9 +23,15 @@ class PreemptionHandler:
     is left half-written). Use as a context manager; the previous handlers come
     back on exit. Only the main thread can install signal handlers, so
     elsewhere this is a no-op that never fires.
+
+    Args:
+        notify: called with the one-line notice of each signal, before any exit
+            (the trainer passes its logger, so the notices reach ``train.log``
+            too); default: print to stderr.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[str], None] = _to_stderr) -> None:
+        self.notify = notify
         self.signum: Optional[int] = None
         self._previous: dict[int, object] = {}
 
@@ -32,14 +42,12 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
-            print(f"\n{name} again: exiting now without saving", file=sys.stderr, flush=True)
+            self.notify(f"{name} again: exiting now without saving")
             os._exit(128 + signum)
         self.signum = signum
-        print(
-            f"\n{name} received: finishing this step, then saving the last checkpoint and "
-            f"exporting (send it again to exit at once)",
-            file=sys.stderr,
-            flush=True,
+        self.notify(
+            f"{name} received: finishing this step, then saving the last checkpoint and "
+            f"exporting (send it again to exit at once)"
         )
 
     def __enter__(self) -> "PreemptionHandler":

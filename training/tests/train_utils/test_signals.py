@@ -39,3 +39,32 @@ def test_previous_handlers_come_back():
         assert signal.getsignal(signal.SIGTERM) == handler._handle
         assert not handler.stop_requested
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+NOTIFY_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from caiman_asr_train.train_utils.signals import PreemptionHandler
+    log = open(sys.argv[1], "a")
+
+    def notify(message):
+        log.write(message + "\\n")
+        log.flush()
+
+    with PreemptionHandler(notify=notify):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    """)
+
+
+def test_both_notices_go_to_the_given_callable_before_the_exit(tmp_path):
+    log = tmp_path / "train.log"
+    result = subprocess.run(
+        [sys.executable, "-c", NOTIFY_CHILD, str(log)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 128 + signal.SIGTERM
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("SIGTERM received: finishing this step")
+    assert lines[1] == "SIGTERM again: exiting now without saving"
