@@ -46,11 +46,11 @@ from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir, make
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.paths import REPO_ROOT
 
 PathLike = Union[str, os.PathLike]
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_CONFIG = REPO / "training" / "configs" / "demo.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "training" / "configs" / "demo.yaml"
 STATE_FILE = "prepare_demo.json"
 TRAIN_MANIFEST = "train.json"
 
@@ -104,11 +104,11 @@ def _complete(check: Callable[[], object]) -> bool:
 
 
 def _run_script(name: str, *args: str) -> None:
-    script = REPO / "scripts" / name
+    script = REPO_ROOT / "scripts" / name
     if not script.is_file():
         raise UserError(f"{script} not found; run prepare_demo from a checkout of the repository")
     env = dict(os.environ)
-    env["PATH"] = f"{REPO / 'tools' / 'kenlm' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{REPO_ROOT / 'tools' / 'kenlm' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PY", sys.executable)
     result = subprocess.run([str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:

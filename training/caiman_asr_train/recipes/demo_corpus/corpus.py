@@ -43,6 +43,7 @@ from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_
 from caiman_asr_train.recipes.demo_corpus.espeak import SAMPLE_RATE, speaker_settings, synthesize
 from caiman_asr_train.recipes.demo_corpus.grammar import data_files_sha256, make_sentences
 from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.paths import REPO_ROOT
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,15 +52,11 @@ PathLike = Union[str, os.PathLike]
 # fingerprinted by their hash).
 GENERATOR_VERSION = 2
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-
-
 def default_output_dir() -> Path:
     """``datasets/demo`` at the repository root, or under the current directory
     when the package is installed outside a checkout."""
-    repo_root = _PACKAGE_ROOT.parents[1]
-    if _PACKAGE_ROOT.parent.name == "training":
-        return repo_root / "datasets" / "demo"
+    if (REPO_ROOT / "training" / "caiman_asr_train").is_dir():
+        return REPO_ROOT / "datasets" / "demo"
     return Path("datasets") / "demo"
 
 
