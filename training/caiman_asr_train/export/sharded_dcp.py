@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import Tensor
 from torch.distributed.checkpoint.metadata import (
     Metadata,
     StorageMeta,
@@ -109,7 +110,10 @@ class SafeFileSystemReader(dcp.FileSystemReader):
     """``FileSystemReader`` whose ``.metadata`` goes through the restricted unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path))
+        # Read once: every tensor is loaded on its own, and unpickling .metadata each time costs more than the tensor.
+        if getattr(self, "_metadata", None) is None:
+            self._metadata = read_metadata(Path(self.path))
+        metadata = self._metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -211,19 +215,12 @@ def _average_tensor(
     bits = stored_bits(tensor)
     used = [(path, reader, weight) for path, reader, weight in zip(inputs, readers, weights) if weight > 0]
     for i, (path, reader, weight) in enumerate(used):  # a NaN in a zero-weight input cannot reach the sum
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-                dcp.load({key: tensor}, storage_reader=reader)
-        except Exception as exc:  # DCP wraps a missing or truncated file in its own exception types
-            raise CheckpointError(
-                f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
-            ) from None
-        if not bool(torch.isfinite(tensor).all()):
-            raise non_finite_error(path, key)
+        _load(path, reader, key, tensor)
         for start in range(0, bits.size, SLICE):
             sums.add(total[start : start + SLICE], bits[start : start + SLICE], weight, i == 0)
     for start in range(0, bits.size, SLICE):  # the last input's tensor is free again: it holds the result
+        if not sums.finite(total[start : start + SLICE]).all():
+            raise non_finite_error(_holding_non_finite(used, key, tensor), key)
         sums.round_into(bits[start : start + SLICE], total[start : start + SLICE])
     del total
     with warnings.catch_warnings():
@@ -233,6 +230,29 @@ def _average_tensor(
             storage_writer=dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1),
         )
     return part
+
+
+def _load(path: Path, reader: SafeFileSystemReader, key: str, tensor: Tensor) -> None:
+    """Load ``key`` of one input into ``tensor``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+            dcp.load({key: tensor}, storage_reader=reader)
+    except Exception as exc:  # DCP wraps a missing or truncated file in its own exception types
+        raise CheckpointError(
+            f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
+        ) from None
+
+
+def _holding_non_finite(
+    used: list[tuple[Path, SafeFileSystemReader, float]], key: str, tensor: Tensor
+) -> Path:
+    """The first input whose ``key`` holds NaN or Inf (the sum was checked; this runs only when it is not finite)."""
+    for path, reader, _ in used:
+        _load(path, reader, key, tensor)
+        if not bool(torch.isfinite(tensor).all()):
+            return path
+    return used[0][0]  # finite inputs whose sum overflows float64: none is at fault, name the first
 
 
 def _merge_part(part: Path, build: Path, prefix: str, state_dict_metadata: dict, storage_data: dict) -> None:

@@ -169,9 +169,10 @@ def _chunk_tasks(
 
 
 def _run_all(tasks: list[Callable[[], None]]) -> None:
-    """Run the chunk tasks on a thread per core: numpy and file IO release the GIL, and chunks are
-    independent, so no thread waits for another (unlike a thread pool inside every operation)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    """Run the chunk tasks on two threads per core: numpy and file IO release the GIL, chunks are
+    independent (no thread waits for another, unlike a thread pool inside every operation), and
+    while one thread waits for its chunk file to reach the disk another computes."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(os.sched_getaffinity(0))) as pool:
         futures = [pool.submit(task) for task in tasks]
         try:
             for future in futures:
