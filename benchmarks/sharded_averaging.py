@@ -20,7 +20,9 @@ DCP directories through ``torch.distributed.checkpoint.save``. Then averages the
                    target <= 1.5. Both come from the page cache: every input is read once before
                    the timings, and the read is the best of 3 just before each averaging run. The
                    averaging time includes writing the output and syncing it to disk (its
-                   atomicity needs that), which a read does not do.
+                   atomicity needs that), which a read does not do: the last column divides it
+                   by N reads plus the time to copy one checkpoint and sync the copy, the least
+                   that reading N checkpoints and writing one durably takes on this disk.
 
 The machine may be shared: times vary with the load (printed beside each row, the 1-minute
 load average), ratios less so; ``--repeats`` runs each average several times. Every file is
@@ -157,6 +159,21 @@ def read_one(path: Path, fmt: str) -> float:
     return time.perf_counter() - start
 
 
+def write_one(path: Path, root: Path) -> float:
+    """Seconds to write a copy of one checkpoint's files and sync them to disk (as the averaged output is)."""
+    copy = root / "write-copy"
+    start = time.perf_counter()
+    shutil.copytree(path, copy)
+    for directory, _, files in os.walk(copy):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(copy)
+    return seconds
+
+
 def worker(output: str, paths: list[str]) -> None:
     """Average ``paths`` into ``output`` in this fresh process; print seconds and the RSS increase as JSON.
 
@@ -221,11 +238,12 @@ def main() -> None:
                 read_one(path, fmt)
             print(
                 f"  {'N':>2} {'read s':>6} {'average s':>9} {'time ratio':>10} {'RSS increase':>13} "
-                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5}"
+                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5} {'write s':>7} {'/ (N reads + write)':>19}"
             )
             for n in args.counts:
                 for _ in range(args.repeats):
                     read = min(read_one(paths[0], fmt) for _ in range(3))
+                    write = write_one(paths[0], root)
                     output = root / f"averaged-{n}"
                     result = subprocess.run(
                         [sys.executable, __file__, "--worker", str(output), *map(str, paths[:n])],
@@ -238,7 +256,8 @@ def main() -> None:
                     print(
                         f"  {n:>2} {read:>6.3f} {r['seconds']:>9.3f} {r['seconds'] / (n * read):>10.2f} "
                         f"{r['increase_bytes'] / 1e6:>10.1f} MB {r['increase_bytes'] / largest:>15.2f} "
-                        f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f}"
+                        f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f} {write:>7.3f} "
+                        f"{r['seconds'] / (n * read + write):>19.2f}"
                         + ("" if r["hwm_reset"] else "  (VmHWM not resettable)"),
                         flush=True,
                     )
