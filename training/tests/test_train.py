@@ -6,7 +6,6 @@ transcripts and mel statistics computed from the audio, with a tiny model so
 every run takes seconds.
 """
 
-import io
 import json
 import os
 import re
@@ -21,7 +20,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import soundfile
 import torch
 
@@ -33,6 +31,7 @@ from caiman_asr_train.data.dataset import collate
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
+from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.export.hardware_ckpt import inference_only_config
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.train_utils.distributed import DistInfo
@@ -75,22 +74,8 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
             entries.append(manifest_entry(text, fname, len(audio)))
         write_manifest(entries, root / f"{split}.json")
         manifests[split] = entries
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([e["transcript"] for e in manifests["train"]] * 4),
-        model_writer=buffer,
-        vocab_size=12,
-        model_type="unigram",
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-        num_threads=1,
-    )
     (root / "spm").mkdir()
-    (root / "spm/tiny.model").write_bytes(buffer.getvalue())
+    train_sentencepiece([e["transcript"] for e in manifests["train"]] * 4, root / "spm/tiny", 12)
     features = dict(
         normalize="per_feature",
         sample_rate=SAMPLE_RATE,
