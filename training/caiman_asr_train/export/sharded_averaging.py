@@ -183,7 +183,8 @@ class WeightedSum:
         n = out.size
         if self.dtype != torch.bfloat16:
             # numpy casts float64 to float16 and float32 directly, with one rounding to nearest even.
-            np.copyto(out, total, casting="same_kind")
+            with np.errstate(over="ignore"):  # beyond the format's range the nearest is infinity
+                np.copyto(out, total, casting="same_kind")
             return
         # Round to nearest even at bfloat16's precision on the float64 bits (a carry runs into the
         # exponent, as it should); the result converts to float32 exactly, and its high half is bfloat16.
@@ -193,7 +194,7 @@ class WeightedSum:
         np.add(bits, _BF16_HALF, out=bits)
         np.add(bits, total.view(np.uint64), out=bits)
         np.bitwise_and(bits, _BF16_KEPT, out=bits)
-        with np.errstate(over="ignore"):  # beyond bfloat16's range the nearest is infinity, as it should be
+        with np.errstate(over="ignore"):
             np.copyto(self._f32[:n], bits.view(np.float64), casting="same_kind")
         np.right_shift(self._f32[:n].view(np.uint32), np.uint32(16), out=out, casting="unsafe")
         # Below bfloat16's smallest normal (2**-126) its precision shrinks: those few elements

@@ -24,7 +24,13 @@ import zarr
 
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.export import checkpoint_averaging as ca
-from caiman_asr_train.export.sharded_averaging import average_sharded, round_half_even
+from caiman_asr_train.export.sharded_averaging import (
+    SLICE,
+    WeightedSum,
+    average_sharded,
+    round_half_even,
+    storage_dtype,
+)
 from caiman_asr_train.export.sharded_dcp import read_metadata
 from caiman_asr_train.utils.cli import run_cli
 
@@ -190,6 +196,41 @@ def test_bfloat16_rounds_once_to_nearest_even():
     assert round_half_even(x, torch.bfloat16).tolist() == [1 + 2**-7, -(1 + 2**-7), 1.0, 3.0]
     y = torch.tensor([1 + 2**-11 + 2**-30], dtype=torch.float64)
     assert round_half_even(y, torch.float16).item() == 1 + 2**-10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_sliced_kernels_round_like_the_reference(dtype):
+    """Ties, double-rounding traps, subnormals, zeros and overflow, then random values of every magnitude."""
+    crafted = [1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11 + 2**-40]
+    crafted += [0.0, -0.0, 2.0**-126 - 2.0**-134, 1e-39, -3e-41, 2.0**-149, 6e-8, 3.3e38, 3.4e38, 1e300]
+    rng = np.random.default_rng(0)
+    randoms = rng.standard_normal(SLICE - len(crafted)) * np.exp2(
+        rng.integers(-140, 130, SLICE - len(crafted))
+    )
+    total = np.array(crafted + list(randoms))
+    out = np.empty(SLICE, storage_dtype(dtype))
+    WeightedSum(dtype).round_into(out, total)
+    expected = round_half_even(torch.from_numpy(total), dtype)
+    expected_bits = (expected.view(torch.uint16) if dtype == torch.bfloat16 else expected).numpy()
+    assert np.array_equal(out.view(np.uint8), expected_bits.view(np.uint8))
+
+
+def test_chunks_longer_than_a_slice_and_edge_chunks_average_exactly(tmp_path):
+    values = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        directory = tmp_path / f"ck-step={seed}"
+        directory.mkdir()
+        matrix = rng.standard_normal((300, 250)).astype(ml_dtypes.bfloat16)  # chunks of 50000 > SLICE
+        vector = rng.standard_normal(2 * SLICE + 5).astype(np.float16)
+        write_ts_array(directory / "w", matrix, [200, 250], "bfloat16")
+        write_ts_array(directory / "v", vector, [SLICE + 7], "<f2")
+        (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        values.append({"w": matrix.astype(np.float64), "v": vector.astype(np.float64)})
+    out = tmp_path / "out"
+    average_sharded([tmp_path / "ck-step=1", tmp_path / "ck-step=2"], out, [3.0, 1.0], log=quiet)
+    assert_array(out / "w", reference(values, [0.75, 0.25], "w", torch.bfloat16))
+    assert_array(out / "v", reference(values, [0.75, 0.25], "v", torch.float16))
 
 
 def test_keep_optimizer_copies_it_with_a_warning(tmp_path):
