@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from caiman_asr_train.core.errors import UserError
 from caiman_asr_train.data.spm.spm_from_json import (
+    add_manifest_arguments,
     add_text_arguments,
     manifest_transcripts,
     text_arguments,
@@ -75,14 +76,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Write manifest transcripts as SentencePiece pieces, one sentence a line, for lmplz."
     )
-    parser.add_argument(
-        "--manifests", nargs="+", required=True,
-        help="JSON manifests (SPEC section 11), relative to --dataset_dir when given",
-    )
-    parser.add_argument(
-        "--dataset_dir", default=None,
-        help="directory the manifest paths are relative to (default: current directory)",
-    )
+    add_manifest_arguments(parser)
     parser.add_argument(
         "--spm_model", default=None,
         help="SentencePiece .model whose pieces the n-gram is over "

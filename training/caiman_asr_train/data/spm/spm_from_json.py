@@ -180,6 +180,18 @@ def spm_from_json(
     return train_sentencepiece(transcripts, output_prefix, vocab_size, user_symbols)
 
 
+def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--manifests`` and ``--dataset_dir``, the inputs of ``manifest_transcripts`` (shared with prep_kenlm_data)."""
+    parser.add_argument(
+        "--manifests", nargs="+", required=True,
+        help="JSON manifests (SPEC section 11), relative to --dataset_dir when given",
+    )
+    parser.add_argument(
+        "--dataset_dir", default=None,
+        help="directory the manifest paths are relative to (default: current directory)",
+    )
+
+
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and the normalisation flags that override it (shared with prep_kenlm_data)."""
     parser.add_argument(
@@ -220,14 +232,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a SentencePiece unigram model on manifest transcripts."
     )
-    parser.add_argument(
-        "--manifests", nargs="+", required=True,
-        help="JSON manifests (SPEC section 11), relative to --dataset_dir when given",
-    )
-    parser.add_argument(
-        "--dataset_dir", default=None,
-        help="directory the manifest paths are relative to (default: current directory)",
-    )
+    add_manifest_arguments(parser)
     parser.add_argument(
         "--output_prefix", required=True,
         help="output path without extension: writes PREFIX.model and PREFIX.vocab",
