@@ -60,6 +60,7 @@ from caiman_asr_train.evaluate.decoding import (
     result_line,
 )
 from caiman_asr_train.evaluate.evaluator import EvalResult, evaluate
+from caiman_asr_train.evaluate.validation_args import DEFAULT_MODEL_CONFIG, add_validation_args
 from caiman_asr_train.export.checkpointer import first_non_finite, load_weights, recorded_config
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.runtime.bundle import is_bundle
@@ -76,7 +77,6 @@ from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
 from caiman_asr_train.utils.paths import REPO_ROOT
 
-DEFAULT_MODEL_CONFIG = "training/configs/demo.yaml"
 DEFAULT_VAL_MANIFEST = "datasets/demo/dev.json"
 DEFAULT_OUTPUT_DIR = "results/val"
 
@@ -282,14 +282,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "(*.hw.pt or quantized *.q.pt: self-contained), ONNX Runtime bundle directory (greedy only) or a "
         "directory of them",
     )
-    parser.add_argument(
-        "--model_config",
-        type=Path,
-        default=None,
-        help="YAML config of a training checkpoint (default: the config the checkpoint recorded; for "
-        f"checkpoints that record none, {DEFAULT_MODEL_CONFIG} in the repository); not read for hardware "
-        "checkpoints",
-    )
+    add_validation_args(parser)
     parser.add_argument(
         "--val_manifests",
         nargs="+",
@@ -298,19 +291,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         f"(default: {DEFAULT_VAL_MANIFEST} in the repository)",
     )
     parser.add_argument(
-        "--dataset_dir",
-        type=Path,
-        default=None,
-        help="directory the manifests' audio fnames are relative to (default: the first manifest's directory)",
-    )
-    parser.add_argument(
         "--output_dir",
         type=Path,
         default=None,
         help=f"where <checkpoint>.predictions.json files go (default: {DEFAULT_OUTPUT_DIR} in the repository)",
-    )
-    parser.add_argument(
-        "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
     )
     parser.add_argument(
         "--device",
@@ -318,23 +302,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)",
     )
     parser.add_argument(
-        "--val_final_padding_secs",
-        type=float,
-        default=0.24,
-        help="seconds of silence appended to each utterance, as the inference server does (default: 0.24)",
-    )
-    parser.add_argument(
         "--max_symbol_per_sample",
         type=int,
         default=8,
         help="decoding emits at most this many symbols per encoder frame (default: 8)",
-    )
-    parser.add_argument("--seed", type=int, default=1, help="seed of the dither noise (default: 1)")
-    parser.add_argument(
-        "--num_utterances",
-        type=int,
-        default=None,
-        help="validate only the first N utterances of the manifests (default: all)",
     )
     add_decoder_args(parser)
     return parser.parse_args(argv)

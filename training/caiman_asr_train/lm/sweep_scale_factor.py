@@ -26,10 +26,11 @@ from caiman_asr_train.data.dataset import AudioDataset, collate
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
 from caiman_asr_train.evaluate.evaluator import featurize
+from caiman_asr_train.evaluate.validation_args import add_validation_args
 from caiman_asr_train.evaluate.wer import word_error_rate
 from caiman_asr_train.export.hardware_ckpt import save_hardware_ckpt
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.val import DEFAULT_MODEL_CONFIG, Validatable, load_for_validation
+from caiman_asr_train.val import Validatable, load_for_validation
 
 DEFAULT_SCALE_FACTORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
@@ -110,20 +111,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--ckpt", type=Path, required=True, help="hardware checkpoint (*.hw.pt) or training checkpoint"
     )
-    parser.add_argument(
-        "--model_config",
-        type=Path,
-        default=None,
-        help="YAML config of a training checkpoint (default: the config it recorded, else "
-        f"{DEFAULT_MODEL_CONFIG}); not read for hardware checkpoints",
-    )
+    add_validation_args(parser)
     parser.add_argument("--val_manifests", nargs="+", required=True, help="dev manifest(s) to decode")
-    parser.add_argument(
-        "--dataset_dir",
-        type=Path,
-        default=None,
-        help="directory the manifests' audio fnames are relative to (default: the first manifest's directory)",
-    )
     parser.add_argument(
         "--scale_factors",
         type=float,
@@ -137,17 +126,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="write a copy of the hardware checkpoint --ckpt with the best scale factor here",
     )
-    parser.add_argument(
-        "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
-    )
-    parser.add_argument(
-        "--val_final_padding_secs",
-        type=float,
-        default=0.24,
-        help="seconds of silence appended to each utterance (default: 0.24)",
-    )
-    parser.add_argument("--seed", type=int, default=1, help="seed of the dither noise (default: 1)")
-    parser.add_argument("--num_utterances", type=int, default=None, help="decode only the first N utterances")
     add_decoder_args(parser)
     args = parser.parse_args(argv)
     args.decoder = "beam"
