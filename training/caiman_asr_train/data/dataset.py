@@ -6,7 +6,7 @@ here: ``data.features.FeaturePipeline`` turns a batch's waveforms into encoder
 input on the training or validation device, where it is cheap.
 
 Transcripts are normalised as the YAML's ``audio_dataset`` block asks
-(``data.normalizers.normalize_transcript``), so the tokens a model learns,
+(``data.normalizers.normalize_texts``), so the tokens a model learns,
 the references it is scored against and the text SentencePiece was trained on
 (``spm_from_json``) are the same text.
 """
@@ -23,8 +23,8 @@ from torch.utils.data import Dataset, get_worker_info
 from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.features import SpeedPerturbation
 from caiman_asr_train.data.manifest import audio_path
+from caiman_asr_train.data.normalizers import Replacements, normalize_texts
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.data.normalizers import Replacements, normalize_transcript
 
 PathLike = Union[str, os.PathLike]
 
@@ -77,16 +77,8 @@ class AudioDataset(Dataset):
         self._rng_owner: Optional[int] = None
         # Normalised once: the text never changes between epochs, and a bad
         # replacements or normalize_transcripts setting fails at construction.
-        self.transcripts = [
-            normalize_transcript(
-                entry["transcript"],
-                normalize_transcripts,
-                labels=labels,
-                replacements=replacements,
-                remove_tags=remove_tags,
-            )
-            for entry in self.entries
-        ]
+        texts = [entry["transcript"] for entry in self.entries]
+        self.transcripts = normalize_texts(texts, normalize_transcripts, labels, replacements, remove_tags)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -89,19 +89,44 @@ def normalize_transcript(
     Raises:
         ConfigError: unknown ``mode`` or malformed ``replacements``.
     """
+    return normalize_texts([text], mode, labels, replacements, remove_tags)[0]
+
+
+def normalize_texts(
+    texts: Iterable[str],
+    mode: str = "lowercase",
+    labels: Iterable[str] | None = None,
+    replacements: Replacements = None,
+    remove_tags: bool = True,
+) -> list[str]:
+    """``normalize_transcript`` of each of ``texts``, in order.
+
+    The settings are checked and prepared once for the whole list, which is
+    how datasets and tokenizer corpora normalise a manifest's transcripts.
+
+    Raises:
+        ConfigError: unknown ``mode`` or malformed ``replacements``.
+    """
     if mode not in NORMALIZE_MODES:
         raise ConfigError(
             f"audio_dataset.normalize_transcripts: unknown value {mode!r}; "
             f"use one of {', '.join(NORMALIZE_MODES)}"
         )
-    for old, new in _replacement_pairs(replacements):
+    pairs = _replacement_pairs(replacements)
+    allowed = None if labels is None else set(labels)
+    return [_normalize(text, mode, allowed, pairs, remove_tags) for text in texts]
+
+
+def _normalize(
+    text: str, mode: str, allowed: set[str] | None, pairs: list[tuple[str, str]], remove_tags: bool
+) -> str:
+    for old, new in pairs:
         text = text.replace(old, new)
     if remove_tags:
         text = _TAG_RE.sub(" ", text)
     if mode == "lowercase":
         text = text.lower()
-    if labels is not None:
-        allowed = set(labels)
+    if allowed is not None:
         text = "".join(c if c in allowed or c.isspace() else "" for c in text)
     return _WHITESPACE_RE.sub(" ", text).strip()
 

@@ -3,7 +3,7 @@
 Transcripts are normalised as the YAML's ``audio_dataset`` block asks
 (``normalize_transcripts``, ``replacements``, ``remove_tags``) and, given
 ``labels``, restricted to the tokenizer's characters: the same
-``normalize_transcript`` call ``data.dataset.AudioDataset`` makes, so the model
+``normalize_texts`` call ``data.dataset.AudioDataset`` makes, so the model
 sees exactly the text training will tokenize. With ``--config`` these
 settings come from the YAML. Model settings: unigram, ``<unk>`` id 0, no
 BOS/EOS, character coverage 1.0 (every character of the corpus is a piece, so
@@ -29,7 +29,7 @@ import sentencepiece as spm
 
 from caiman_asr_train.core.errors import DataError, TokenizerError
 from caiman_asr_train.data.manifest import read_manifests
-from caiman_asr_train.data.normalizers import NORMALIZE_MODES, Replacements, normalize_transcript
+from caiman_asr_train.data.normalizers import NORMALIZE_MODES, Replacements, normalize_texts
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
@@ -82,17 +82,9 @@ def manifest_transcripts(
     if not manifests:
         raise DataError("no manifests given; pass at least one with --manifests")
     entries = read_manifests(manifests, dataset_dir if dataset_dir is not None else ".", check_files=False)
-    transcripts = [
-        normalize_transcript(
-            entry["transcript"],
-            normalize_transcripts,
-            labels=labels,
-            replacements=replacements,
-            remove_tags=remove_tags,
-        )
-        for entry in entries
-    ]
-    transcripts = [t for t in transcripts if t]
+    texts = [entry["transcript"] for entry in entries]
+    normalized = normalize_texts(texts, normalize_transcripts, labels, replacements, remove_tags)
+    transcripts = [t for t in normalized if t]
     if not transcripts:
         raise DataError(f"manifests {', '.join(map(str, manifests))} have no non-empty transcripts")
     return transcripts
