@@ -187,7 +187,9 @@ def load_for_validation(path: Path, model_config: Optional[Path], device: torch.
     return target
 
 
-def decoder_for(target: Validatable, args: argparse.Namespace, source: Path) -> Decoder:
+def decoder_for(
+    target: Validatable, args: argparse.Namespace, source: Path, max_symbols_per_step: int = 8
+) -> Decoder:
     """The decoder ``add_decoder_args``'s flags ask for, with ``target``'s n-gram and frame rate."""
     return build_decoder(
         args,
@@ -196,8 +198,14 @@ def decoder_for(target: Validatable, args: argparse.Namespace, source: Path) -> 
         source=str(source),
         embedded_ngram=target.embedded_ngram,
         config_ngram=target.config_ngram,
-        max_symbols_per_step=args.max_symbol_per_sample,
+        max_symbols_per_step=max_symbols_per_step,
     )
+
+
+def dev_loader(target: Validatable, entries: list[dict], dataset_dir: Path, batch_size: int) -> DataLoader:
+    """Batches of ``entries`` in manifest order, transcripts normalised as ``target`` was trained."""
+    dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def validate(
@@ -213,8 +221,7 @@ def validate(
     decoder: Optional[Decoder] = None,
 ) -> EvalResult:
     """Decode ``entries`` with ``target`` (greedily when ``decoder`` is None) and score them."""
-    dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = dev_loader(target, entries, dataset_dir, batch_size)
     # Seeded per checkpoint: every checkpoint sees the same dither noise.
     generator = torch.Generator(device=device).manual_seed(seed)
     return evaluate(
@@ -372,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             step, kind, decoder = None, "ONNX Runtime bundle", Decoder("greedy", pieces=[])
         else:
             target = load_for_validation(ckpt, model_config, device)
-            decoder = decoder_for(target, args, ckpt)
+            decoder = decoder_for(target, args, ckpt, args.max_symbol_per_sample)
             result = validate(
                 target,
                 entries,

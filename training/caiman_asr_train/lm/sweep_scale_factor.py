@@ -18,19 +18,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from caiman_asr_train.core.errors import CheckpointError, DataError, UserError
 from caiman_asr_train.core.load_hw import read_checkpoint
-from caiman_asr_train.data.dataset import AudioDataset, collate
 from caiman_asr_train.data.manifest import read_manifests
-from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
+from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args
 from caiman_asr_train.evaluate.evaluator import featurize
 from caiman_asr_train.evaluate.validation_args import add_validation_args
 from caiman_asr_train.evaluate.wer import word_error_rate
 from caiman_asr_train.export.hardware_ckpt import save_hardware_ckpt
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.val import Validatable, load_for_validation
+from caiman_asr_train.val import Validatable, decoder_for, dev_loader, load_for_validation
 
 DEFAULT_SCALE_FACTORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
@@ -56,8 +54,7 @@ def encode_dev_set(
     device: torch.device,
 ) -> list[Encoded]:
     """Featurise (as validation does) and encode every utterance once."""
-    dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = dev_loader(target, entries, dataset_dir, batch_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     target.model.eval()
     target.pipeline.eval().to(device)
@@ -150,14 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise CheckpointError(
             f"{args.ckpt} is a training checkpoint; --output_hw needs a hardware checkpoint as --ckpt"
         )
-    decoder = build_decoder(
-        args,
-        target.tokenizer,
-        frame_seconds=encoder_frame_seconds(target.pipeline, target.model, target.sample_rate),
-        source=str(args.ckpt),
-        embedded_ngram=target.embedded_ngram,
-        config_ngram=target.config_ngram,
-    )
+    decoder = decoder_for(target, args, args.ckpt)
     if decoder.ngram is None:
         raise UserError(f"{args.ckpt} has no n-gram to sweep; pass --override_ngram_path FILE")
     encoded = encode_dev_set(
