@@ -11,9 +11,9 @@ Two layouts, told apart by the directory's ``metadata.json``
   ``*.distcp`` files and a pickled ``.metadata``, read through a restricted
   unpickler (``sharded_dcp``).
 
-Floating tensors are averaged in float64, one chunk (zarr) or one tensor (DCP)
-of every input at a time, and cast back to their dtype with
-round-to-nearest-even. Integer tensors, ``common.pt``, extra state and
+Floating tensors are averaged in float64, a cache-sized slice of one chunk of
+every input at a time on each of a few threads (zarr) or one tensor at a time
+(DCP), and cast back to their dtype with one round-to-nearest-even. Integer tensors, ``common.pt``, extra state and
 everything that is not a tensor come from the most-weighted input. Optimizer
 state (keys starting with ``optimizer``) no longer matches averaged weights: it
 is dropped unless ``keep_optimizer``, which copies the most-weighted input's.
