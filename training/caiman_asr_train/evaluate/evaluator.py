@@ -8,7 +8,6 @@ detokenize, and score every hypothesis against its normalised reference
 (``evaluate.wer.word_error_rate``, SPEC section 10).
 """
 
-from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
@@ -19,25 +18,7 @@ from caiman_asr_train.data.dataset import Batch
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.evaluate.decoding import Decoder
-from caiman_asr_train.evaluate.wer import word_error_rate
-
-
-@dataclass
-class EvalResult:
-    """Outcome of ``evaluate``.
-
-    Attributes:
-        wer: error rate as a fraction (0.123 is 12.3%); words or characters
-            per ``error_rate``.
-        errors: edit errors summed over utterances.
-        words: reference units (words or characters) they are divided by.
-        predictions: one ``{"hyp", "ref", "fname"}`` per utterance, in batch order.
-    """
-
-    wer: float
-    errors: int
-    words: int
-    predictions: list[dict] = field(default_factory=list)
+from caiman_asr_train.evaluate.wer import EvalResult, score_predictions
 
 
 def featurize(
@@ -125,6 +106,4 @@ def evaluate(
     finally:
         model.train(was_training[0])
         pipeline.train(was_training[1])
-    rate, errors, words = word_error_rate(hyps, refs, standardize=standardize, error_rate=error_rate)
-    predictions = [{"hyp": h, "ref": r, "fname": f} for h, r, f in zip(hyps, refs, fnames)]
-    return EvalResult(wer=rate, errors=errors, words=words, predictions=predictions)
+    return score_predictions(hyps, refs, fnames, standardize=standardize, error_rate=error_rate)

@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from caiman_asr_train.core.errors import ConfigError
 from caiman_asr_train.data.normalizers import standardize as standardize_text
@@ -96,3 +97,34 @@ def word_error_rate(
     if ref_units == 0:
         return (0.0 if errors == 0 else math.inf), errors, 0
     return errors / ref_units, errors, ref_units
+
+
+@dataclass
+class EvalResult:
+    """Scored transcripts of a dev set (``evaluate.evaluator.evaluate``, ``runtime.evaluate``).
+
+    Attributes:
+        wer: error rate as a fraction (0.123 is 12.3%); words or characters
+            per ``error_rate``.
+        errors: edit errors summed over utterances.
+        words: reference units (words or characters) they are divided by.
+        predictions: one ``{"hyp", "ref", "fname"}`` per utterance, in input order.
+    """
+
+    wer: float
+    errors: int
+    words: int
+    predictions: list[dict] = field(default_factory=list)
+
+
+def score_predictions(
+    hyps: list[str],
+    refs: list[str],
+    fnames: list[str],
+    standardize: bool = True,
+    error_rate: str = "word",
+) -> EvalResult:
+    """``word_error_rate`` of ``hyps`` against ``refs``, with each utterance's prediction and audio file name."""
+    rate, errors, words = word_error_rate(hyps, refs, standardize=standardize, error_rate=error_rate)
+    predictions = [{"hyp": h, "ref": r, "fname": f} for h, r, f in zip(hyps, refs, fnames)]
+    return EvalResult(wer=rate, errors=errors, words=words, predictions=predictions)

@@ -7,7 +7,6 @@ result carries the same per-utterance predictions (``hyp``, ``ref``,
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -16,28 +15,14 @@ from tqdm import tqdm
 
 from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.manifest import audio_path, read_manifests
-from caiman_asr_train.data.normalizers import normalize_transcript
-from caiman_asr_train.evaluate.wer import word_error_rate
+from caiman_asr_train.data.normalizers import normalize_texts
+from caiman_asr_train.evaluate.wer import EvalResult, score_predictions
 from caiman_asr_train.runtime.recognizer import Recognizer
 
 PathLike = Union[str, Path]
 
-
-@dataclass
-class BundleResult:
-    """Outcome of ``evaluate_bundle``.
-
-    Attributes:
-        wer: error rate as a fraction (0.123 is 12.3%).
-        errors: edit errors summed over utterances.
-        words: reference units they are divided by.
-        predictions: one ``{"hyp", "ref", "fname"}`` per utterance, in manifest order.
-    """
-
-    wer: float
-    errors: int
-    words: int
-    predictions: list[dict] = field(default_factory=list)
+# A bundle's WER is scored like any other evaluation; the name is the one runtime callers know.
+BundleResult = EvalResult
 
 
 def evaluate_transcriber(
@@ -65,20 +50,15 @@ def evaluate_transcriber(
         DataError: a manifest or audio file is missing or corrupt.
     """
     entries = read_manifests(manifests, dataset_dir)[:num_utterances]
-    predictions = []
-    for entry in tqdm(entries, desc="decoding", unit="utt", disable=not progress):
-        audio = load_audio(audio_path(entry, dataset_dir), sample_rate)
-        ref = normalize_transcript(
-            entry["transcript"], text["normalize_transcripts"], text["labels"], None, True
-        )
-        predictions.append({"hyp": transcribe(audio), "ref": ref, "fname": entry["files"][0]["fname"]})
-    rate, errors, words = word_error_rate(
-        [p["hyp"] for p in predictions],
-        [p["ref"] for p in predictions],
-        standardize=bool(text["standardize_wer"]),
-        error_rate=text["error_rate"],
+    refs = normalize_texts([e["transcript"] for e in entries], text["normalize_transcripts"], text["labels"])
+    hyps = [
+        transcribe(load_audio(audio_path(entry, dataset_dir), sample_rate))
+        for entry in tqdm(entries, desc="decoding", unit="utt", disable=not progress)
+    ]
+    fnames = [entry["files"][0]["fname"] for entry in entries]
+    return score_predictions(
+        hyps, refs, fnames, standardize=bool(text["standardize_wer"]), error_rate=text["error_rate"]
     )
-    return BundleResult(wer=rate, errors=errors, words=words, predictions=predictions)
 
 
 def evaluate_bundle(
