@@ -26,7 +26,6 @@ rank 0 touches the disk; every rank meets at barriers around a save.
 
 import dataclasses
 import enum
-import hashlib
 import os
 import re
 import warnings
@@ -43,6 +42,7 @@ from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.core.features import STATS_FILES
 from caiman_asr_train.core.load_hw import is_hardware_checkpoint, read_checkpoint
 from caiman_asr_train.utils.atomic import atomic_torch_save
+from caiman_asr_train.utils.digest import sha256_file
 
 __all__ = [
     "TRAINING_CHECKPOINT_KEYS",
@@ -194,17 +194,9 @@ def asset_files(cfg: Mapping) -> dict[str, Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def asset_sha256(cfg: Mapping) -> dict[str, str]:
     """sha256 hex of each existing file of ``asset_files(cfg)``: name -> digest."""
-    return {name: _sha256(path) for name, path in asset_files(cfg).items() if path.is_file()}
+    return {name: sha256_file(path) for name, path in asset_files(cfg).items() if path.is_file()}
 
 
 def changed_assets(ckpt: Mapping, cfg: Mapping) -> list[tuple[str, Path]]:
@@ -217,7 +209,7 @@ def changed_assets(ckpt: Mapping, cfg: Mapping) -> list[tuple[str, Path]]:
     return [
         (name, path)
         for name, path in asset_files(cfg).items()
-        if name in recorded and path.is_file() and _sha256(path) != recorded[name]
+        if name in recorded and path.is_file() and sha256_file(path) != recorded[name]
     ]
 
 

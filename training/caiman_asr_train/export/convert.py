@@ -46,6 +46,7 @@ from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import hw_path
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.digest import sha256_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -308,14 +309,6 @@ def tool_version() -> str:
         return metadata.version("caiman_asr_train")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fetch(source: Source, scratch: Path) -> tuple[Path, str]:

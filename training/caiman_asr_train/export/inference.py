@@ -46,10 +46,11 @@ from caiman_asr_train.deploy.onnxruntime_bundle import FINAL_PADDING_SECS, HW_TE
 from caiman_asr_train.deploy.sherpa import write_sherpa_bundle
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, fpga_variant, save_hardware_ckpt
 from caiman_asr_train.rnnt.config import load as load_config
-from caiman_asr_train.runtime.bundle import read_bundle, sha256_file, write_bundle_json
+from caiman_asr_train.runtime.bundle import read_bundle, write_bundle_json
 from caiman_asr_train.runtime.evaluate import BundleResult, evaluate_transcriber
 from caiman_asr_train.runtime.recognizer import Recognizer
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.digest import sha256_file
 
 PathLike = Union[str, Path]
 

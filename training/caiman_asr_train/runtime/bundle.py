@@ -26,13 +26,13 @@ Only the standard library and core errors are imported, so the torch-free
 runtime can read bundles.
 """
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Union
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.digest import sha256_file
 
 PathLike = Union[str, Path]
 
@@ -46,15 +46,6 @@ SECTIONS = ("source", "model", "features", "chunk_frames", "text", "files")
 _EXPORT_HINT = (
     "export it again with python -m caiman_asr_train.export.inference --target onnxruntime --overwrite"
 )
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_description(directory: PathLike, **sections: Any) -> dict:
