@@ -200,10 +200,7 @@ class FeaturePipeline(InferenceFrontEnd):
     ``norm_weight(step, ...)`` to ``forward`` while training.
 
     Args:
-        filterbank_features: the config's ``filterbank_features`` block.
-        frame_splicing: the config's ``frame_splicing`` block
-            (``frame_stacking``, ``frame_subsampling``).
-        melmeans, melvars: float [n_filt] dataset statistics (``load_mel_stats``).
+        filterbank_features, frame_splicing, melmeans, melvars: as for ``InferenceFrontEnd``.
         spec_augment: the config's ``spec_augment`` block, or None.
     """
 
