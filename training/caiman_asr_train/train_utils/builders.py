@@ -7,6 +7,7 @@ training, and validation of a saved checkpoint.
 
 from caiman_asr_train.core.errors import ConfigError
 from caiman_asr_train.data.features import FeaturePipeline, load_mel_stats
+from caiman_asr_train.data.spm.spm_from_json import text_settings
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
@@ -39,18 +40,6 @@ def build_pipeline(cfg: dict, split: str) -> FeaturePipeline:
 def build_model(cfg: dict, tokenizer: Tokenizer) -> RNNT:
     """The training RNNT of ``cfg`` with one output class per SentencePiece piece plus blank."""
     return RNNT(tokenizer.num_labels + 1, **config.rnnt(cfg))
-
-
-def text_settings(cfg: dict, split: str) -> dict:
-    """``AudioDataset`` transcript keyword arguments of ``split``: normalize_transcripts, labels,
-    replacements, remove_tags."""
-    audio = config.input(cfg, split)["audio_dataset"]
-    return {
-        "normalize_transcripts": audio.get("normalize_transcripts", "lowercase"),
-        "labels": config.tokenizer(cfg)["labels"],
-        "replacements": audio.get("replacements"),
-        "remove_tags": audio.get("remove_tags", True),
-    }
 
 
 def scoring_settings(cfg: dict) -> dict:

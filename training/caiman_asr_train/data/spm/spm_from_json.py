@@ -37,15 +37,17 @@ from caiman_asr_train.utils.cli import run_cli
 PathLike = Union[str, os.PathLike]
 
 
-def text_settings(cfg: dict) -> dict:
+def text_settings(cfg: dict, split: Optional[str] = None) -> dict:
     """Transcript normalisation of a loaded config, as keyword arguments.
 
     ``{"normalize_transcripts", "labels", "replacements", "remove_tags"}`` from
-    ``input_train.audio_dataset`` (``input_val`` when there is no training
-    section) and ``tokenizer.labels``: the arguments ``manifest_transcripts``,
-    ``spm_from_json``, ``prep_kenlm_data`` and ``AudioDataset`` take.
+    ``input_{split}.audio_dataset`` and ``tokenizer.labels``: the arguments
+    ``manifest_transcripts``, ``spm_from_json``, ``prep_kenlm_data`` and
+    ``AudioDataset`` take. ``split`` None means "train", or "val" when the
+    config has no training section.
     """
-    split = "train" if "input_train" in cfg else "val"
+    if split is None:
+        split = "train" if "input_train" in cfg else "val"
     audio = config.input(cfg, split)["audio_dataset"]
     return {
         "normalize_transcripts": audio.get("normalize_transcripts", "lowercase"),
