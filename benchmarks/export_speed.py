@@ -85,7 +85,9 @@ def make_ngram(directory: Path, spm_path: Path) -> bool:
         return False
     processor = spm.SentencePieceProcessor(model_file=str(spm_path))
     text = directory / "pieces.txt"
-    text.write_text("".join(" ".join(processor.encode(f"sentence number {i}", out_type=str)) + "\n" for i in range(50)))
+    text.write_text(
+        "".join(" ".join(processor.encode(f"sentence number {i}", out_type=str)) + "\n" for i in range(50))
+    )
     arpa, binary = directory / "ngram.arpa", directory / "ngram.binary"
     subprocess.run(
         [str(REPO_ROOT / "scripts/generate_ngram.sh"), "3", str(text), str(arpa), str(binary)],
@@ -128,7 +130,11 @@ def make_training_checkpoint(config_path: Path, save_dir: Path) -> Path:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    tokenizer_kw = {"sentpiece_model": str(config_path.parent / "spm/base.model"), "labels": [], "sampling": 0.0}
+    tokenizer_kw = {
+        "sentpiece_model": str(config_path.parent / "spm/base.model"),
+        "labels": [],
+        "sampling": 0.0,
+    }
     return Checkpointer(save_dir).save(model, ema, optimizer, 1, 1000, 0.1, tokenizer_kw, 1.0, config_path)
 
 
@@ -182,7 +188,9 @@ def report(times: dict[str, list[float]], title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of the three measurements (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="rounds of the three measurements (median reported)"
+    )
     parser.add_argument(
         "--work_dir",
         default=None,
@@ -210,13 +218,18 @@ def main() -> None:
             save_hardware_ckpt(create_hardware_ckpt(full, config_path, **options), naive_out)
 
         export()  # warm-up: imports, and a first hardware checkpoint to copy
-        print(f"training checkpoint: {ckpt_path.stat().st_size / 1e9:.2f} GB (weights + EMA + 2 Adam moments)")
+        print(
+            f"training checkpoint: {ckpt_path.stat().st_size / 1e9:.2f} GB (weights + EMA + 2 Adam moments)"
+        )
         variant = fpga_variant(torch.load(out, weights_only=True, mmap=True)["state_dict"])
         print(
             f"hardware checkpoint: {out.stat().st_size / 1e9:.3f} GB, FPGA variant {variant!r}, "
             f"n-gram {'embedded' if has_ngram else 'skipped (no KenLM tools)'}"
         )
-        for cold, title in ((False, "warm page cache (inputs in memory)"), (True, "cold (inputs read from disk)")):
+        for cold, title in (
+            (False, "warm page cache (inputs in memory)"),
+            (True, "cold (inputs read from disk)"),
+        ):
             times: dict[str, list[float]] = {"export": [], "copy": [], "full": []}
             for _ in range(args.repeats):
                 times["export"].append(timed(export, (ckpt_path,) if cold else ()))

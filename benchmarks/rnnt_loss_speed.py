@@ -79,10 +79,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=200, help="encoder frames of the longest utterance (T)")
     parser.add_argument("--labels", type=int, default=40, help="labels of the longest transcript (U)")
     parser.add_argument("--vocab", type=int, default=256, help="output classes including blank (V)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation (median reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per implementation (median reported)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--no-baseline", action="store_true", help="time rnnt_loss only (baseline is slow at scale)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="time rnnt_loss only (baseline is slow at scale)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -32,7 +32,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:the EMA weights match no FPGA")
 
 def _start_train_sh(corpus, output_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CAIMAN_PYTHON": sys.executable}
-    command = [str(REPO_ROOT / "train.sh"), *run_args(corpus, output_dir, "--num_gpus", "2", "--device", "cpu", *extra)]
+    command = [
+        str(REPO_ROOT / "train.sh"),
+        *run_args(corpus, output_dir, "--num_gpus", "2", "--device", "cpu", *extra),
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -126,5 +126,9 @@ def in_feats_mismatch(in_feats: Any, n_filt: Any, frame_stacking: Any) -> Option
     return (
         f"rnnt.in_feats ({in_feats}) must equal filterbank_features.n_filt * frame_splicing.frame_stacking "
         f"({n_filt} * {frame_stacking}"
-        + (f" = {n_filt * frame_stacking})" if isinstance(n_filt, int) and isinstance(frame_stacking, int) else ")")
+        + (
+            f" = {n_filt * frame_stacking})"
+            if isinstance(n_filt, int) and isinstance(frame_stacking, int)
+            else ")"
+        )
     )

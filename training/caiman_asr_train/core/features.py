@@ -186,9 +186,7 @@ class FilterbankFeatures(nn.Module):
     ) -> None:
         super().__init__()
         if window != "hann":
-            raise ConfigError(
-                f"filterbank_features.window: {window!r} is not supported; set it to 'hann'"
-            )
+            raise ConfigError(f"filterbank_features.window: {window!r} is not supported; set it to 'hann'")
         self.sample_rate = int(sample_rate)
         self.win_length = _samples(window_size, sample_rate)
         self.hop_length = _samples(window_stride, sample_rate)
@@ -249,9 +247,7 @@ class FilterbankFeatures(nn.Module):
         lens = self.get_seq_len(audio_lens)
         x = nn.functional.pad(audio.to(torch.float64), (self.initial_padding, 0))
         if self.dither > 0:
-            x = x + self.dither * torch.randn(
-                x.shape, generator=generator, device=x.device, dtype=x.dtype
-            )
+            x = x + self.dither * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = torch.cat((x[:, :1], x[:, 1:] - PREEMPHASIS * x[:, :-1]), dim=1)
 
         if x.shape[1] < self.win_length:
@@ -406,8 +402,7 @@ def splice_frames(
     """
     if stacking < 1 or subsampling < 1:
         raise ConfigError(
-            f"frame_splicing: frame_stacking ({stacking}) and frame_subsampling "
-            f"({subsampling}) must be >= 1"
+            f"frame_splicing: frame_stacking ({stacking}) and frame_subsampling ({subsampling}) must be >= 1"
         )
     lens = lens.to(device=x.device, dtype=torch.int64)
     x = _zero_past_length(x, lens)

@@ -128,9 +128,7 @@ def read_checkpoint(path: PathLike, mmap: bool = True) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path (or the training --output_dir)")
     try:
-        obj = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
-        )
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if unsafe:
@@ -260,7 +258,9 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
     try:
         parsed = parse_version(version)
     except ValueError:
-        raise CheckpointError(f"{source}: version {version!r} is not MAJOR.MINOR.PATCH; {_EXPORT_HINT}") from None
+        raise CheckpointError(
+            f"{source}: version {version!r} is not MAJOR.MINOR.PATCH; {_EXPORT_HINT}"
+        ) from None
     if parsed > parse_version(HW_CKPT_VERSION):
         raise CheckpointError(
             f"{source}: layout version {version} is newer than this reader (caiman_asr_train {HW_CKPT_VERSION} "
@@ -288,7 +288,9 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
     expect("state_dict", (Mapping,), "a dict of tensors")
     for name, tensor in hw["state_dict"].items():
         if not isinstance(name, str) or not isinstance(tensor, Tensor):
-            raise CheckpointError(f"{source}: state_dict entry {name!r} is not a named tensor; {_EXPORT_HINT}")
+            raise CheckpointError(
+                f"{source}: state_dict entry {name!r} is not a named tensor; {_EXPORT_HINT}"
+            )
     expect("epoch", (int,), "an int")
     expect("step", (int,), "an int")
     expect("best_wer", (int, float), "a float")
@@ -305,7 +307,9 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
         )
     if not isinstance(ngram["binary"], (bytes, type(None))):
         raise CheckpointError(f"{source}: ngram.binary must be bytes or None; {_EXPORT_HINT}")
-    if isinstance(ngram["scale_factor"], bool) or not isinstance(ngram["scale_factor"], (int, float, type(None))):
+    if isinstance(ngram["scale_factor"], bool) or not isinstance(
+        ngram["scale_factor"], (int, float, type(None))
+    ):
         raise CheckpointError(f"{source}: ngram.scale_factor must be a float or None; {_EXPORT_HINT}")
     if "raw_prefix_token_map" in hw:
         _check_prefix_token_map(hw["raw_prefix_token_map"], source)
@@ -316,7 +320,9 @@ def validate_hw_checkpoint(hw: Mapping, source: str = "hardware checkpoint") -> 
         rnnt_config["rnnt"]["in_feats"], n_filt, rnnt_config["input_val"]["frame_splicing"]["frame_stacking"]
     )
     if mismatch:
-        raise CheckpointError(f"{source}: {mismatch} in its rnnt_config; {_EXPORT_HINT} with a consistent config")
+        raise CheckpointError(
+            f"{source}: {mismatch} in its rnnt_config; {_EXPORT_HINT} with a consistent config"
+        )
     for key in ("melmeans", "melvars"):
         stats = hw[key]
         if not stats.is_floating_point() or tuple(stats.shape) != (n_filt,):

@@ -125,7 +125,9 @@ class Encoder(nn.Module):
         )
         self.pre_rnn = LSTM(c.in_feats, c.enc_n_hid, c.enc_pre_rnn_layers, **lstm_init)
         self.stack_time = StackTime(c.enc_stack_time_factor)
-        self.post_rnn = LSTM(c.enc_stack_time_factor * c.enc_n_hid, c.enc_n_hid, c.enc_post_rnn_layers, **lstm_init)
+        self.post_rnn = LSTM(
+            c.enc_stack_time_factor * c.enc_n_hid, c.enc_n_hid, c.enc_post_rnn_layers, **lstm_init
+        )
 
 
 class Prediction(nn.Module):

@@ -160,9 +160,7 @@ class SpeedPerturbation:
         seed: seeds the numpy Generator used when ``__call__`` gets none.
     """
 
-    def __init__(
-        self, min_rate: float, max_rate: float, p: float = 1.0, seed: Optional[int] = None
-    ) -> None:
+    def __init__(self, min_rate: float, max_rate: float, p: float = 1.0, seed: Optional[int] = None) -> None:
         if not 0 < min_rate <= max_rate:
             raise ConfigError(
                 f"speed_perturbation: need 0 < min_rate <= max_rate, got {min_rate}, {max_rate}"

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from caiman_asr_train.core.errors import ConfigError, DataError
-from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.core.features import FilterbankFeatures
+from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save
@@ -93,9 +93,7 @@ def _check_variances(variances: torch.Tensor, source: str) -> None:
         )
 
 
-def save_mel_stats(
-    stats_dir: PathLike, means: torch.Tensor, variances: torch.Tensor, n: int
-) -> None:
+def save_mel_stats(stats_dir: PathLike, means: torch.Tensor, variances: torch.Tensor, n: int) -> None:
     """Write melmeans.pt, melvars.pt (float32 [n_filt]) and meln.pt (float32 [1]) atomically.
 
     Pickle protocol 2, readable with ``torch.load(..., weights_only=True)``.

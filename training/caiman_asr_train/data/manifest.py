@@ -25,9 +25,7 @@ PathLike = Union[str, os.PathLike]
 _FIX = "regenerate the manifest or fix it by hand (format: SPEC section 11)"
 
 
-def manifest_entry(
-    transcript: str, fname: str, num_samples: int, sample_rate: int = 16000
-) -> dict:
+def manifest_entry(transcript: str, fname: str, num_samples: int, sample_rate: int = 16000) -> dict:
     """Build one manifest entry for a mono audio file of ``num_samples`` samples.
 
     ``fname`` is relative to the dataset directory; durations are
@@ -82,9 +80,7 @@ def _check_fields(obj: Any, fields: dict, where: str, source: str) -> None:
         if name not in obj:
             raise DataError(f"{source}: {where} is missing field '{name}'; {_FIX}")
         if not check(obj[name]):
-            raise DataError(
-                f"{source}: {where} field '{name}' must be {wanted}, got {obj[name]!r}; {_FIX}"
-            )
+            raise DataError(f"{source}: {where} field '{name}' must be {wanted}, got {obj[name]!r}; {_FIX}")
 
 
 def validate_manifest(entries: Any, source: str) -> list[dict]:
@@ -117,8 +113,7 @@ def read_manifest(path: PathLike) -> list[dict]:
         entries = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(
-            f"manifest {path} is not valid JSON "
-            f"(line {exc.lineno}, column {exc.colno}: {exc.msg}); {_FIX}"
+            f"manifest {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {_FIX}"
         ) from None
     return validate_manifest(entries, str(path))
 
@@ -141,9 +136,7 @@ def _resolve_manifest(path: PathLike, dataset_dir: PathLike) -> Path:
     return Path(path)
 
 
-def read_manifests(
-    paths: Iterable[PathLike], dataset_dir: PathLike, check_files: bool = True
-) -> list[dict]:
+def read_manifests(paths: Iterable[PathLike], dataset_dir: PathLike, check_files: bool = True) -> list[dict]:
     """Read, validate and concatenate manifests, in order.
 
     Each path is taken relative to ``dataset_dir`` (absolute paths are used as

@@ -26,9 +26,7 @@ _TAG_RE = re.compile(r"</?[^<>\s]+>")
 _WHITESPACE_RE = re.compile(r"\s+")
 
 # {old: new}, [[old, new], ...] or [{old: ..., new: ...}, ...], as upstream YAML allows.
-Replacements = (
-    Mapping[str, str] | Iterable[list[str] | tuple[str, str] | Mapping[str, str]] | None
-)
+Replacements = Mapping[str, str] | Iterable[list[str] | tuple[str, str] | Mapping[str, str]] | None
 
 
 def _replacement_pairs(replacements: Replacements) -> list[tuple[str, str]]:

@@ -92,9 +92,7 @@ class Tokenizer:
                     f"SentencePiece model {self.source} cannot be read ({exc.strerror})"
                 ) from None
         if not 0.0 <= sampling <= 1.0:
-            raise TokenizerError(
-                f"tokenizer.sampling must be a probability in [0, 1], got {sampling}"
-            )
+            raise TokenizerError(f"tokenizer.sampling must be a probability in [0, 1], got {sampling}")
         if unk not in UNK_POLICIES:
             raise TokenizerError(f"unk must be one of {', '.join(UNK_POLICIES)}, got {unk!r}")
         self._model = model
@@ -130,9 +128,7 @@ class Tokenizer:
         # random (the module) rather than a private generator: DataLoader
         # workers reseed it, so each worker samples differently.
         if sample and self.sampling > 0.0 and random.random() < self.sampling:
-            return self._sp.encode(
-                word, enable_sampling=True, alpha=self.sampling_alpha, nbest_size=-1
-            )
+            return self._sp.encode(word, enable_sampling=True, alpha=self.sampling_alpha, nbest_size=-1)
         return self._sp.encode(word)
 
     def tokenize(self, transcript: str, sample: bool = False) -> list[int]:

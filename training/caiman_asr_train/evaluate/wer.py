@@ -83,8 +83,7 @@ def word_error_rate(
         )
     if error_rate not in ERROR_RATES:
         raise ConfigError(
-            f"audio_dataset.error_rate: unknown value {error_rate!r}; "
-            f"use one of {', '.join(ERROR_RATES)}"
+            f"audio_dataset.error_rate: unknown value {error_rate!r}; use one of {', '.join(ERROR_RATES)}"
         )
     errors = 0
     ref_units = 0

@@ -78,13 +78,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     add_manifest_arguments(parser)
     parser.add_argument(
-        "--spm_model", default=None,
+        "--spm_model",
+        default=None,
         help="SentencePiece .model whose pieces the n-gram is over "
         "(default: the config's tokenizer.sentpiece_model)",
     )
     parser.add_argument("--output", required=True, help="text file to write")
     parser.add_argument(
-        "--unk", choices=UNK_POLICIES, default="fail",
+        "--unk",
+        choices=UNK_POLICIES,
+        default="fail",
         help="a character unknown to the model: fail (default) or warn and write <unk>",
     )
     add_text_arguments(parser)

@@ -110,7 +110,9 @@ def _run_script(name: str, *args: str) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{REPO_ROOT / 'tools' / 'kenlm' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PY", sys.executable)
-    result = subprocess.run([str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(
+        [str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if result.returncode != 0:
         lines = result.stdout.strip().splitlines()
         raise DataError(f"{name} failed (exit {result.returncode}): {' | '.join(lines[-5:])}")
@@ -229,24 +231,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "(each skipped when up to date)."
     )
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG,
+        "--config",
+        default=DEFAULT_CONFIG,
         help="YAML config naming the output paths and settings (default: training/configs/demo.yaml "
         "of this checkout)",
     )
     parser.add_argument(
-        "--dataset_dir", default=None,
+        "--dataset_dir",
+        default=None,
         help="where the corpus goes (default: datasets/demo at the repository root)",
     )
     parser.add_argument(
-        "--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE,
+        "--vocab_size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
         help=f"SentencePiece vocabulary size (default: {DEFAULT_VOCAB_SIZE})",
     )
     parser.add_argument(
-        "--ngram_order", type=int, default=DEFAULT_NGRAM_ORDER, choices=range(2, 7), metavar="{2..6}",
+        "--ngram_order",
+        type=int,
+        default=DEFAULT_NGRAM_ORDER,
+        choices=range(2, 7),
+        metavar="{2..6}",
         help=f"n-gram order over pieces (default: {DEFAULT_NGRAM_ORDER})",
     )
     parser.add_argument(
-        "--num_train", type=int, default=DEFAULT_NUM_TRAIN,
+        "--num_train",
+        type=int,
+        default=DEFAULT_NUM_TRAIN,
         help=f"training sentences in the corpus (default: {DEFAULT_NUM_TRAIN})",
     )
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -256,8 +268,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     timings = prepare_demo(
-        args.config, args.dataset_dir, args.vocab_size, args.ngram_order,
-        progress=not args.no_progress, num_train=args.num_train,
+        args.config,
+        args.dataset_dir,
+        args.vocab_size,
+        args.ngram_order,
+        progress=not args.no_progress,
+        num_train=args.num_train,
     )
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items() if name != "total")
     print(f"[prepare_demo] done in {timings['total']:.1f} s ({phases})")

@@ -39,9 +39,7 @@ TRAIN_ONLY_AUDIO_DATASET_KEYS = frozenset(
     {"max_duration", "max_transcript_len", "min_duration", "speed_perturbation", "standardize_text"}
 )
 SPEED_PERTURBATION_KEYS = frozenset({"min_rate", "max_rate", "p"})
-SPEC_AUGMENT_KEYS = frozenset(
-    {"freq_masks", "min_freq", "max_freq", "time_masks", "min_time", "max_time"}
-)
+SPEC_AUGMENT_KEYS = frozenset({"freq_masks", "min_freq", "max_freq", "time_masks", "min_time", "max_time"})
 GRAD_NOISE_KEYS = frozenset({"noise_level", "decay_const", "start_step"})
 NGRAM_KEYS = frozenset({"ngram_path", "scale_factor"})
 REQUIRED_SECTIONS = ("tokenizer", "input_val", "rnnt")
@@ -161,8 +159,7 @@ def ngram(cfg: dict) -> dict:
     """``{"ngram_path": absolute directory str, "scale_factor": float}``."""
     if "ngram" not in cfg:
         raise ConfigError(
-            "config: section 'ngram' is missing; add ngram_path and "
-            "scale_factor, or pass --skip_ngram"
+            "config: section 'ngram' is missing; add ngram_path and scale_factor, or pass --skip_ngram"
         )
     section = cfg["ngram"]
     return {"ngram_path": section["ngram_path"], "scale_factor": float(section["scale_factor"])}
@@ -205,7 +202,9 @@ def _validate(cfg: dict, path: Path) -> None:
             continue
         section = cfg[name]
         blocks = {"audio_dataset", "filterbank_features", "frame_splicing"}
-        _check_keys(section, frozenset(blocks | ({"spec_augment"} if split == "train" else set())), name, path)
+        _check_keys(
+            section, frozenset(blocks | ({"spec_augment"} if split == "train" else set())), name, path
+        )
         for block in sorted(blocks):
             if block not in section:
                 raise ConfigError(f"{path}: section '{name}' is missing '{block}'")
@@ -218,8 +217,15 @@ def _validate(cfg: dict, path: Path) -> None:
                 f"{name}.audio_dataset.speed_perturbation",
                 path,
             )
-        _check_keys(section["filterbank_features"], FilterbankFeaturesSchema.known_keys(), f"{name}.filterbank_features", path)
-        _check_keys(section["frame_splicing"], FrameSplicingSchema.known_keys(), f"{name}.frame_splicing", path)
+        _check_keys(
+            section["filterbank_features"],
+            FilterbankFeaturesSchema.known_keys(),
+            f"{name}.filterbank_features",
+            path,
+        )
+        _check_keys(
+            section["frame_splicing"], FrameSplicingSchema.known_keys(), f"{name}.frame_splicing", path
+        )
         if section.get("spec_augment"):
             _check_keys(section["spec_augment"], SPEC_AUGMENT_KEYS, f"{name}.spec_augment", path)
         _check_consistency(cfg, section, name, path)

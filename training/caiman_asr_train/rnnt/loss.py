@@ -112,9 +112,7 @@ def _validate(
     integer_inputs = {"logit_lens": logit_lens, "targets": targets, "target_lens": target_lens}
     for name, tensor in integer_inputs.items():
         if name != "targets" and tensor.shape != (batch,):
-            raise ValueError(
-                f"rnnt_loss: {name} must have shape [{batch}], got {tuple(tensor.shape)}"
-            )
+            raise ValueError(f"rnnt_loss: {name} must have shape [{batch}], got {tuple(tensor.shape)}")
         if tensor.is_floating_point() or tensor.is_complex():
             raise ValueError(f"rnnt_loss: {name} must be an integer tensor, got {tensor.dtype}")
     if not 0 <= blank_idx < vocab:
@@ -138,13 +136,9 @@ def _validate(
         ]
     ).tolist()
     if checks[0]:
-        raise ValueError(
-            f"rnnt_loss: logit_lens must lie in [1, {max_t}], got {logit_lens.tolist()}"
-        )
+        raise ValueError(f"rnnt_loss: logit_lens must lie in [1, {max_t}], got {logit_lens.tolist()}")
     if checks[1]:
-        raise ValueError(
-            f"rnnt_loss: target_lens must lie in [0, {max_u1 - 1}], got {target_lens.tolist()}"
-        )
+        raise ValueError(f"rnnt_loss: target_lens must lie in [0, {max_u1 - 1}], got {target_lens.tolist()}")
     if checks[2]:
         raise ValueError(
             f"rnnt_loss: targets within target_lens must be label ids in [0, {vocab}) "
@@ -237,8 +231,15 @@ class _RNNTLoss(torch.autograd.Function):
 
         ctx.blank_idx = blank_idx
         ctx.save_for_backward(
-            logits, log_norm, label_idx, blank_skew, label_skew, alpha, loglik,
-            logit_lens, target_lens,
+            logits,
+            log_norm,
+            label_idx,
+            blank_skew,
+            label_skew,
+            alpha,
+            loglik,
+            logit_lens,
+            target_lens,
         )
         return (-loglik).to(compute_dtype)
 
@@ -289,7 +290,5 @@ class _RNNTLoss(torch.autograd.Function):
         blank_post, label_post = blank_post.to(grad.dtype), label_post.to(grad.dtype)
         grad.exp_().mul_((blank_post + label_post)[..., None])
         grad[..., ctx.blank_idx] -= blank_post
-        grad.scatter_add_(
-            3, label_idx[:, None, :, None].expand(-1, max_t, -1, -1), -label_post[..., None]
-        )
+        grad.scatter_add_(3, label_idx[:, None, :, None].expand(-1, max_t, -1, -1), -label_post[..., None])
         return grad.to(logits.dtype), None, None, None, None

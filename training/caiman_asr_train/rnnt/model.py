@@ -50,7 +50,9 @@ def _apex_transducer():
 
 def config_rnnt(n_classes: int, **kwargs: Any) -> ConfigRNNT:
     """The ``ConfigRNNT`` for ``config.rnnt(cfg)`` kwargs (training-only keys ignored)."""
-    prefix_token_map = {str(k): [int(t) for t in v] for k, v in (kwargs.get("prefix_token_map") or {}).items()}
+    prefix_token_map = {
+        str(k): [int(t) for t in v] for k, v in (kwargs.get("prefix_token_map") or {}).items()
+    }
     return ConfigRNNT(
         n_classes=n_classes,
         lstm=TorchConfig(),
@@ -108,7 +110,14 @@ class RNNT(CoreRNNT):
         )
         g_lens = y_lens + 1
         batch_offset = torch.cumsum(f_lens * g_lens, dim=0) if pack else None
-        h = joint(self.joint_enc(f), self.joint_pred(g), f_lens, g_lens, batch_offset, int(batch_offset[-1]) if pack else 0)
+        h = joint(
+            self.joint_enc(f),
+            self.joint_pred(g),
+            f_lens,
+            g_lens,
+            batch_offset,
+            int(batch_offset[-1]) if pack else 0,
+        )
         logits = self.joint_net[2](h) if relu_dropout else self.joint_net(h)
         losses = TransducerLoss(packed_input=pack)(
             logits.float(),

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from caiman_asr_train.data.dataset import AudioDataset, Batch, collate
 from caiman_asr_train.data.features import SpeedPerturbation
 from caiman_asr_train.data.manifest import read_manifests
-from caiman_asr_train.data.sampler import BucketingSampler
 from caiman_asr_train.data.normalizers import standardize
+from caiman_asr_train.data.sampler import BucketingSampler
 from caiman_asr_train.train_utils.rng import Purpose, derive_seed, seed_item_rngs
 
 

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 from caiman_asr_train.train_utils.signals import STOP_SIGNALS
 from caiman_asr_train.utils.cli import ERROR_DIR_ENV
+
 # After one rank fails, the others get this long to exit by themselves.
 PEER_GRACE_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1

@@ -101,7 +101,8 @@ def test_importing_core_loads_nothing_beyond_stdlib_torch_pydantic_sentencepiece
     added = _loaded_after_importing("core", CORE_THIRD_PARTY)
     theirs = _distribution_top_levels(CORE_THIRD_PARTY)
     outside = [
-        name for name in added
+        name
+        for name in added
         if name.split(".")[0] not in sys.stdlib_module_names
         and name.split(".")[0] not in theirs
         and not name.startswith("_")  # interpreter internals such as _sysconfigdata
@@ -122,6 +123,11 @@ def test_data_sources_import_nothing_above_data():
 
 def test_importing_data_loads_nothing_above_data():
     loaded = _loaded_after_importing("data", ())
-    above = [name for name in loaded if name.split(".")[0] == "caiman_asr_train"
-             and len(name.split(".")) > 1 and name.split(".")[1] in ABOVE_DATA]
+    above = [
+        name
+        for name in loaded
+        if name.split(".")[0] == "caiman_asr_train"
+        and len(name.split(".")) > 1
+        and name.split(".")[1] in ABOVE_DATA
+    ]
     assert above == [], f"importing data/ also loads {above}"

@@ -72,7 +72,9 @@ def test_round_trip_rebuilds_the_ema_model_exactly(export_env, hw, tmp_path):
     assert hyps == decode(reference, x, lens) and any(hyps)
 
     features_cfg = export_env.cfg["input_val"]["filterbank_features"]
-    assert ckpt.data_config["filterbank_features"] == {k: v for k, v in features_cfg.items() if k != "stats_path"}
+    assert ckpt.data_config["filterbank_features"] == {
+        k: v for k, v in features_cfg.items() if k != "stats_path"
+    }
     assert ckpt.data_config["frame_splicing"] == {"frame_stacking": 3, "frame_subsampling": 3}
     assert torch.equal(ckpt.data_config["melmeans"], torch.load(export_env.stats_dir / "melmeans.pt"))
     assert torch.equal(ckpt.data_config["melvars"], torch.load(export_env.stats_dir / "melvars.pt"))
@@ -120,7 +122,9 @@ def test_other_versions_are_refused(hw, tmp_path, version, words):
 @pytest.mark.parametrize("version", ["1.9.0", "0.9.0"])
 def test_an_unknown_older_layout_loads_with_a_one_line_warning(hw, tmp_path, version):
     hw["version"] = version
-    with pytest.warns(UserWarning, match=f"layout version {version} is older than the layouts this reader knows"):
+    with pytest.warns(
+        UserWarning, match=f"layout version {version} is older than the layouts this reader knows"
+    ):
         ckpt = load_hw_checkpoint(write(hw, tmp_path / "old.hw.pt"))
     assert ckpt.version == version
 
@@ -131,7 +135,9 @@ def test_known_layouts_load_without_a_warning(hw, tmp_path):
         assert load_hw_checkpoint(write(hw, tmp_path / "ours.hw.pt")).version == "1.15.0"
 
 
-@pytest.mark.parametrize("key", ["state_dict", "melmeans", "sentpiece_model", "rnnt_config", "raw_prefix_token_map"])
+@pytest.mark.parametrize(
+    "key", ["state_dict", "melmeans", "sentpiece_model", "rnnt_config", "raw_prefix_token_map"]
+)
 def test_a_missing_key_is_named(hw, tmp_path, key):
     del hw[key]
     with pytest.raises(CheckpointError, match=f"key '{key}' is missing"):
@@ -147,7 +153,10 @@ def test_a_missing_key_is_named(hw, tmp_path, key):
         (lambda hw: hw.update(melvars=torch.ones(5)), r"key 'melvars' must be a float tensor of shape \[8\]"),
         (lambda hw: hw.update(raw_prefix_token_map={"domain": "1 2"}), "raw_prefix_token_map"),
         (lambda hw: hw["rnnt_config"]["rnnt"].pop("joint_n_hid"), "rnnt_config.rnnt.joint_n_hid"),
-        (lambda hw: hw["rnnt_config"]["rnnt"].update(enc_n_hid=32), "state_dict does not fit its rnnt_config"),
+        (
+            lambda hw: hw["rnnt_config"]["rnnt"].update(enc_n_hid=32),
+            "state_dict does not fit its rnnt_config",
+        ),
         (lambda hw: hw.update(sentpiece_model=b"garbage"), "not a valid SentencePiece model"),
     ],
 )
@@ -160,11 +169,19 @@ def test_wrong_types_and_inconsistent_content_are_refused(hw, tmp_path, change, 
 def test_a_tokenizer_of_another_size_is_refused(hw, tmp_path):
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["abc def ghi"] * 10), model_writer=buffer, vocab_size=12, model_type="char",
-        unk_id=0, bos_id=-1, eos_id=-1, minloglevel=2,
+        sentence_iterator=iter(["abc def ghi"] * 10),
+        model_writer=buffer,
+        vocab_size=12,
+        model_type="char",
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        minloglevel=2,
     )
     hw["sentpiece_model"] = buffer.getvalue()
-    with pytest.raises(CheckpointError, match=r"has \d+ pieces, so joint_net.2.weight needs \d+ rows, found 41"):
+    with pytest.raises(
+        CheckpointError, match=r"has \d+ pieces, so joint_net.2.weight needs \d+ rows, found 41"
+    ):
         load_hw_checkpoint(write(hw, tmp_path / "x.hw.pt"))
 
 

@@ -31,14 +31,25 @@ def build_from_yaml(name: str, vocab_size: int, device: str = "meta") -> TrainRN
 
 def expected_names(pre: int, post: int, pred: int) -> list[str]:
     def lstm(prefix: str, layers: int) -> list[str]:
-        return [f"{prefix}.{kind}_l{k}" for k in range(layers) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return [
+            f"{prefix}.{kind}_l{k}"
+            for k in range(layers)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
 
     return (
         lstm("encoder.pre_rnn.lstm", pre)
         + lstm("encoder.post_rnn.lstm", post)
         + ["prediction.embed.weight"]
         + lstm("prediction.dec_rnn.lstm", pred)
-        + ["joint_pred.weight", "joint_pred.bias", "joint_enc.weight", "joint_enc.bias", "joint_net.2.weight", "joint_net.2.bias"]
+        + [
+            "joint_pred.weight",
+            "joint_pred.bias",
+            "joint_enc.weight",
+            "joint_enc.bias",
+            "joint_net.2.weight",
+            "joint_net.2.bias",
+        ]
     )
 
 
@@ -70,7 +81,10 @@ def test_fpga_variants_have_the_contract_shapes(yaml_name, vocab, H, P, J, param
 
 
 def test_checked_in_schemas_match_the_model_class():
-    for name, (yaml_name, vocab) in {"base": ("base-8703sp.yaml", 8703), "large": ("large-17407sp.yaml", 17407)}.items():
+    for name, (yaml_name, vocab) in {
+        "base": ("base-8703sp.yaml", 8703),
+        "large": ("large-17407sp.yaml", 17407),
+    }.items():
         assert get_schema(name) == state_dict_schema(build_from_yaml(yaml_name, vocab).state_dict())
 
 

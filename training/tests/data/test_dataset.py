@@ -51,7 +51,7 @@ def test_items_hold_audio_normalised_transcript_tokens_and_fname(corpus, tokeniz
     root, entries, waves = corpus
     dataset = AudioDataset(entries, root, RATE, tokenizer=tokenizer, labels=LABELS)
     assert len(dataset) == 3
-    for index, (raw, expected) in enumerate(TRANSCRIPTS.items()):
+    for index, expected in enumerate(TRANSCRIPTS.values()):
         item = dataset[index]
         fname = entries[index]["files"][0]["fname"]
         assert item["transcript"] == expected
@@ -126,7 +126,9 @@ def test_collate_without_tokens_gives_an_empty_token_matrix(corpus):
 
 def test_speed_perturbation_changes_the_length_by_the_drawn_rate(corpus):
     root, entries, waves = corpus
-    fast = AudioDataset(entries, root, RATE, speed_perturbation={"min_rate": 1.25, "max_rate": 1.25, "p": 1.0})
+    fast = AudioDataset(
+        entries, root, RATE, speed_perturbation={"min_rate": 1.25, "max_rate": 1.25, "p": 1.0}
+    )
     item = fast[1]
     assert len(item["audio"]) == pytest.approx(7000 / 1.25, abs=2)
     assert item["duration"] == pytest.approx(len(item["audio"]) / RATE)

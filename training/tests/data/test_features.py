@@ -375,8 +375,16 @@ def test_training_imports_of_the_front_end_are_the_core_objects():
     import caiman_asr_train.core.features as core
     import caiman_asr_train.data.features as data
 
-    for name in ("FilterbankFeatures", "InferenceFrontEnd", "load_mel_stats", "normalize",
-                 "splice_frames", "pad_audio", "mel_filterbank", "frame_count"):
+    for name in (
+        "FilterbankFeatures",
+        "InferenceFrontEnd",
+        "load_mel_stats",
+        "normalize",
+        "splice_frames",
+        "pad_audio",
+        "mel_filterbank",
+        "frame_count",
+    ):
         assert getattr(data, name) is getattr(core, name)
 
 

@@ -104,8 +104,7 @@ def test_stats_files_load_with_weights_only(corpus, tmp_path):
     save_mel_stats(stats, means, variances, n)
     assert sorted(p.name for p in stats.iterdir()) == ["melmeans.pt", "meln.pt", "melvars.pt"]
     loaded = {
-        name: torch.load(stats / f"{name}.pt", weights_only=True)
-        for name in ("melmeans", "melvars", "meln")
+        name: torch.load(stats / f"{name}.pt", weights_only=True) for name in ("melmeans", "melvars", "meln")
     }
     assert all(tensor.dtype == torch.float32 for tensor in loaded.values())
     assert loaded["melmeans"].shape == loaded["melvars"].shape == (80,)

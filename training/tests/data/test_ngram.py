@@ -28,7 +28,10 @@ def kenlm_env() -> dict:
     """Environment in which generate_ngram.sh finds lmplz and build_binary."""
     env = dict(os.environ)
     env["PATH"] = f"{REPO / 'tools' / 'kenlm' / 'bin'}{os.pathsep}{env['PATH']}"
-    if shutil.which("lmplz", path=env["PATH"]) is None or shutil.which("build_binary", path=env["PATH"]) is None:
+    if (
+        shutil.which("lmplz", path=env["PATH"]) is None
+        or shutil.which("build_binary", path=env["PATH"]) is None
+    ):
         subprocess.run([str(REPO / "scripts" / "build_kenlm.sh")], check=True)
     return env
 
@@ -47,7 +50,9 @@ def _zipf_corpus(path: Path, lines: int = 1000, seed: int = 0) -> Path:
 def _generate(env: dict, order: int, txt: Path, arpa: Path, binary: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(GENERATE), str(order), str(txt), str(arpa), str(binary)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
 
 
@@ -68,9 +73,21 @@ def test_tiny_corpus_needs_and_gets_the_discount_fallback(kenlm_env, tiny_ngram,
     lmplz = shutil.which("lmplz", path=kenlm_env["PATH"])
     (tmp_path / "corpus.txt").write_text(TINY_CORPUS)
     direct = subprocess.run(
-        [lmplz, "-o", "3", "-S", "10%", "-T", f"{tmp_path}/", "--text", str(tmp_path / "corpus.txt"),
-         "--arpa", str(tmp_path / "direct.arpa")],
-        capture_output=True, text=True,
+        [
+            lmplz,
+            "-o",
+            "3",
+            "-S",
+            "10%",
+            "-T",
+            f"{tmp_path}/",
+            "--text",
+            str(tmp_path / "corpus.txt"),
+            "--arpa",
+            str(tmp_path / "direct.arpa"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert direct.returncode != 0 and "discount_fallback" in direct.stderr
     result = _generate(kenlm_env, 3, tmp_path / "corpus.txt", tmp_path / "a.arpa", tmp_path / "b.binary")
@@ -120,6 +137,7 @@ def test_missing_file_is_a_data_error_naming_it(tmp_path):
 
 def test_binary_loads_with_the_kenlm_module_and_scores(tiny_ngram):
     import kenlm  # the dev extra installs it: a missing module must fail, not skip
+
     model = kenlm.Model(str(tiny_ngram / "ngram.binary"))
     assert model.order == 3
     seen = model.score("the cat sat on the mat", bos=True, eos=True)
@@ -127,7 +145,9 @@ def test_binary_loads_with_the_kenlm_module_and_scores(tiny_ngram):
     assert math.isfinite(seen) and seen < 0
     assert seen > shuffled
     # The ARPA file is the same model.
-    assert kenlm.Model(str(tiny_ngram / "ngram.arpa")).score("the cat sat on the mat") == pytest.approx(seen, abs=1e-4)
+    assert kenlm.Model(str(tiny_ngram / "ngram.arpa")).score("the cat sat on the mat") == pytest.approx(
+        seen, abs=1e-4
+    )
 
 
 def test_find_ngram_prefers_the_binary(tmp_path):

@@ -123,7 +123,9 @@ def test_a_model_that_only_emits_blank_scores_100_percent(corpus, tokenizer, pip
 
 
 @pytest.mark.parametrize("padding, cap", [(0.0, 1), (0.24, 1), (0.24, 3)])
-def test_each_frame_emits_up_to_the_symbol_cap_over_the_padded_length(corpus, tokenizer, pipeline, padding, cap):
+def test_each_frame_emits_up_to_the_symbol_cap_over_the_padded_length(
+    corpus, tokenizer, pipeline, padding, cap
+):
     dog = tokenizer.tokenize("dog")
     assert len(dog) == 1, "the test needs a one-piece word"
     model = forced(tiny_model(tokenizer), dog[0])

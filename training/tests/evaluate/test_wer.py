@@ -35,9 +35,7 @@ def test_edit_distance_matches_brute_force_recursion():
     def slow(a, b):
         if not a or not b:
             return len(a) + len(b)
-        return min(
-            slow(a[1:], b) + 1, slow(a, b[1:]) + 1, slow(a[1:], b[1:]) + (a[0] != b[0])
-        )
+        return min(slow(a[1:], b) + 1, slow(a, b[1:]) + 1, slow(a[1:], b[1:]) + (a[0] != b[0]))
 
     rng = random.Random(0)
     for _ in range(200):
@@ -86,9 +84,7 @@ def test_whitespace_runs_do_not_create_words():
 
 def test_char_mode_counts_characters_and_single_spaces():
     # "the cat" has 7 characters including the one space between words.
-    rate, errors, chars = word_error_rate(
-        ["the bat"], ["the cat"], standardize=False, error_rate="char"
-    )
+    rate, errors, chars = word_error_rate(["the bat"], ["the cat"], standardize=False, error_rate="char")
     assert (errors, chars) == (1, 7)
     assert rate == pytest.approx(1 / 7)
     # A lost word break is one character error; extra spacing is none.

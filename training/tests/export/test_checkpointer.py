@@ -61,7 +61,12 @@ def test_step_file_holds_spec_keys_as_plain_types(export_env):
     rng_state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     draws = (torch.rand(3), np.random.rand(3), random.random())
     path = export_env.save(
-        tokenizer_kw={"sentpiece_model": export_env.spm_path, "labels": ["a"], "sampling": 0.0, "unk": Unk.FAIL},
+        tokenizer_kw={
+            "sentpiece_model": export_env.spm_path,
+            "labels": ["a"],
+            "sampling": 0.0,
+            "unk": Unk.FAIL,
+        },
         dev_wer=np.float64(0.5),
         rng_state=rng_state,
         data_state={"epoch_offset": np.int64(7), "order": np.arange(5)},
@@ -94,10 +99,16 @@ def test_step_file_holds_spec_keys_as_plain_types(export_env):
 
 def test_best_last_and_explicit_paths(export_env):
     ckpt = export_env.checkpointer
-    assert export_env.checkpointer.save(
-        export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_best=True
-    ) == ckpt.best_path
-    assert ckpt.save(export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_last=True) == ckpt.last_path
+    assert (
+        export_env.checkpointer.save(
+            export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_best=True
+        )
+        == ckpt.best_path
+    )
+    assert (
+        ckpt.save(export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_last=True)
+        == ckpt.last_path
+    )
     elsewhere = export_env.dir / "other" / "x.pt"
     assert export_env.save(path=elsewhere) == elsewhere
     assert {p.name for p in ckpt.save_dir.iterdir()} == {
@@ -108,7 +119,9 @@ def test_best_last_and_explicit_paths(export_env):
     for path in (ckpt.best_path, ckpt.last_path, elsewhere):
         assert torch.load(path, weights_only=True)["optimizer"] is None or path == elsewhere
     with pytest.raises(ValueError, match="at most one"):
-        ckpt.save(export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_best=True, is_last=True)
+        ckpt.save(
+            export_env.model, export_env.ema, None, 1, 5, 0.3, {}, 1.0, None, is_best=True, is_last=True
+        )
 
 
 def test_keep_last_n_deletes_only_the_oldest_step_files(export_env):
@@ -156,7 +169,9 @@ def _save_forever(directory: Path) -> None:
     ckpt = Checkpointer(directory, keep_last_n=2)
     step = 1
     while True:
-        ckpt.save(model, model, None, 0, step, 1.0, {}, 1.0, None, payload=torch.full((PAYLOAD_NUMEL,), float(step)))
+        ckpt.save(
+            model, model, None, 0, step, 1.0, {}, 1.0, None, payload=torch.full((PAYLOAD_NUMEL,), float(step))
+        )
         step += 1
 
 
@@ -170,7 +185,9 @@ def _assert_complete(path: Path) -> int:
 def test_sigkill_during_save_never_leaves_a_partial_file(tmp_path):
     directory = tmp_path / "run"
     model = torch.nn.Linear(4, 3)
-    Checkpointer(directory).save(model, model, None, 0, 0, 1.0, {}, 1.0, None, payload=torch.zeros(PAYLOAD_NUMEL))
+    Checkpointer(directory).save(
+        model, model, None, 0, 0, 1.0, {}, 1.0, None, payload=torch.zeros(PAYLOAD_NUMEL)
+    )
     rng = random.Random(1234)
     killed_mid_write = 0
     for _ in range(8):
@@ -312,7 +329,9 @@ def test_a_code_running_pickle_is_refused_without_running(tmp_path, export_env):
 
 def _distributed_worker(rank: int, directory: str, results: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{directory}/pg", rank=rank, world_size=2)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{directory}/pg", rank=rank, world_size=2
+    )
     try:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
@@ -339,7 +358,10 @@ def test_only_rank_zero_writes_under_torch_distributed(tmp_path):
     assert (results / "rank0").read_text() == f"{run / 'RNN-T_step7_checkpoint.pt'} True"
     assert (results / "rank1").read_text() == "None True"
     assert [p.name for p in run.iterdir()] == ["RNN-T_step7_checkpoint.pt"]
-    assert list(torch.load(run / "RNN-T_step7_checkpoint.pt", weights_only=True)["state_dict"]) == ["weight", "bias"]
+    assert list(torch.load(run / "RNN-T_step7_checkpoint.pt", weights_only=True)["state_dict"]) == [
+        "weight",
+        "bias",
+    ]
 
 
 def test_a_checkpoint_describes_its_own_model_config_and_assets(export_env):
@@ -358,7 +380,13 @@ def test_a_checkpoint_describes_its_own_model_config_and_assets(export_env):
 def test_load_weights_names_the_tensors_that_do_not_fit(export_env):
     other = RNNT(export_env.model.config.n_classes + 3, **config.rnnt(export_env.cfg))
     with pytest.raises(CheckpointError) as error:
-        load_weights(other, export_env.model.state_dict(), source="run.pt [state_dict]", hint="use the right config")
+        load_weights(
+            other, export_env.model.state_dict(), source="run.pt [state_dict]", hint="use the right config"
+        )
     message = str(error.value)
-    assert message.startswith("run.pt [state_dict] does not fit the model") and message.endswith("use the right config")
-    assert "joint_net.2.weight is [41, 10] in the file, [44, 10] in the model" in message and "\n" not in message
+    assert message.startswith("run.pt [state_dict] does not fit the model") and message.endswith(
+        "use the right config"
+    )
+    assert (
+        "joint_net.2.weight is [41, 10] in the file, [44, 10] in the model" in message and "\n" not in message
+    )

@@ -128,7 +128,10 @@ REFUSALS = {
         lambda env: env.save(logmel_norm_weight=0.5),
         ["logmel_norm_weight is 0.5", "--norm_ramp_end_step"],
     ),
-    "stats_dir_missing": (lambda env: _remove(env.stats_dir), ["stats", "does not exist", "generate_mel_stats"]),
+    "stats_dir_missing": (
+        lambda env: _remove(env.stats_dir),
+        ["stats", "does not exist", "generate_mel_stats"],
+    ),
     "stats_file_missing": (lambda env: _remove(env.stats_dir / "melvars.pt"), ["melvars.pt", "missing"]),
     "sentencepiece_missing": (
         lambda env: _remove(env.spm_path),
@@ -160,7 +163,14 @@ def test_each_refusal_is_one_line_exit_2_and_writes_nothing(export_env, case, ca
         assert word in message
 
     output = export_env.dir / "exported" / "model.hw.pt"
-    argv = ["--ckpt", str(export_env.ckpt_path), "--config", str(export_env.config_path), "--output_ckpt", str(output)]
+    argv = [
+        "--ckpt",
+        str(export_env.ckpt_path),
+        "--config",
+        str(export_env.config_path),
+        "--output_ckpt",
+        str(output),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: hardware_ckpt.main(argv + (["--skip_state_dict_check"] if skip_check else [])))
     assert exit_info.value.code == 2
@@ -192,8 +202,14 @@ def test_skip_ngram_and_override_ngram_path(export_env, tmp_path):
 def test_vocabulary_must_match_the_weights(export_env):
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["abc def ghi"] * 10), model_writer=buffer, vocab_size=12, model_type="char",
-        unk_id=0, bos_id=-1, eos_id=-1, minloglevel=2,
+        sentence_iterator=iter(["abc def ghi"] * 10),
+        model_writer=buffer,
+        vocab_size=12,
+        model_type="char",
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        minloglevel=2,
     )
     export_env.spm_path.write_bytes(buffer.getvalue())
     with pytest.raises(HardwareCheckpointError, match="pieces but the weights have"):
@@ -206,9 +222,12 @@ def test_command_line_script_writes_and_reports(export_env):
         [
             sys.executable,
             str(REPO_ROOT / "training/caiman_asr_train/export/hardware_ckpt.py"),
-            "--ckpt", str(export_env.ckpt_path),
-            "--config", str(export_env.config_path),
-            "--output_ckpt", str(output),
+            "--ckpt",
+            str(export_env.ckpt_path),
+            "--config",
+            str(export_env.config_path),
+            "--output_ckpt",
+            str(output),
             "--skip_state_dict_check",
             "--skip_ngram",
         ],
@@ -256,7 +275,9 @@ def test_a_yaml_edited_after_training_does_not_change_the_export(export_env):
 def test_a_changed_tokenizer_or_statistics_file_is_refused_unless_allowed(export_env):
     path = self_describing(export_env)
     export_env.spm_path.write_bytes(export_env.spm_path.read_bytes() + b"\0")
-    with pytest.raises(HardwareCheckpointError, match=r"tiny.model \(sentpiece_model\).*--allow_changed_assets"):
+    with pytest.raises(
+        HardwareCheckpointError, match=r"tiny.model \(sentpiece_model\).*--allow_changed_assets"
+    ):
         create_hardware_ckpt(path, skip_state_dict_check=True)
     export_env.spm_path.write_bytes(export_env.spm_path.read_bytes()[:-1])
     melmeans = export_env.stats_dir / "melmeans.pt"
@@ -326,7 +347,9 @@ def test_a_config_whose_in_feats_does_not_fit_the_features_is_refused(export_env
 def test_the_finalize_export_uses_each_checkpoints_recorded_config_else_the_runs(export_env, capsys):
     described = self_describing(export_env)
     # The YAML on disk changes after training; only the old-layout checkpoint may use the run's config.
-    export_env.config_path.write_text(export_env.config_path.read_text().replace("enc_n_hid: 16", "enc_n_hid: 32"))
+    export_env.config_path.write_text(
+        export_env.config_path.read_text().replace("enc_n_hid: 16", "enc_n_hid: 32")
+    )
     lines = []
     ctx = FinalizeContext(
         best_path=described,
@@ -338,6 +361,8 @@ def test_the_finalize_export_uses_each_checkpoints_recorded_config_else_the_runs
         log=lines.append,
     )
     HardwareExportCallback(skip_ngram=True, skip_state_dict_check=True)(ctx)
-    assert lines == [f"hardware checkpoint written: {shown_path(hw_path(p))}" for p in (described, export_env.ckpt_path)]
+    assert lines == [
+        f"hardware checkpoint written: {shown_path(hw_path(p))}" for p in (described, export_env.ckpt_path)
+    ]
     for path in (described, export_env.ckpt_path):
         assert read_checkpoint(hw_path(path))["rnnt_config"] == inference_only_config(export_env.cfg)

@@ -39,8 +39,12 @@ def test_one_line_of_pieces_per_normalised_transcript(corpus):
     assert prep_kenlm_data(["train.json"], corpus / "spm.model", out, dataset_dir=corpus) == 4
     lines = out.read_text(encoding="utf-8").splitlines()
     tokenizer = Tokenizer(corpus / "spm.model")
-    expected = ["the cat sat on the mat", "the dog sat on the rug", "it's a quick brown fox",
-                "don't walk on the grass"]
+    expected = [
+        "the cat sat on the mat",
+        "the dog sat on the rug",
+        "it's a quick brown fox",
+        "don't walk on the grass",
+    ]
     assert lines == [" ".join(tokenizer.pieces(t)) for t in expected]
     # The pieces of a line spell the normalised transcript.
     assert [line.replace(" ", "").replace("\u2581", " ").strip() for line in lines] == expected
@@ -53,16 +57,29 @@ def test_unknown_characters_fail_by_default(corpus):
         prep_kenlm_data(["other.json"], corpus / "spm.model", corpus / "x.txt", dataset_dir=corpus)
     assert not (corpus / "x.txt").exists()
     with pytest.warns(UserWarning):
-        prep_kenlm_data(["other.json"], corpus / "spm.model", corpus / "x.txt", dataset_dir=corpus, unk="warn")
+        prep_kenlm_data(
+            ["other.json"], corpus / "spm.model", corpus / "x.txt", dataset_dir=corpus, unk="warn"
+        )
     assert "<unk>" in (corpus / "x.txt").read_text(encoding="utf-8").split()
 
 
 def test_command_line_output_feeds_generate_ngram(corpus):
     out = corpus / "pieces.txt"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dataset_dir", str(corpus), "--manifests", "train.json",
-         "--spm_model", str(corpus / "spm.model"), "--output", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dataset_dir",
+            str(corpus),
+            "--manifests",
+            "train.json",
+            "--spm_model",
+            str(corpus / "spm.model"),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 4 lines" in result.stdout
@@ -71,9 +88,16 @@ def test_command_line_output_feeds_generate_ngram(corpus):
     if shutil.which("lmplz", path=env["PATH"]) is None:
         subprocess.run([str(REPO / "scripts" / "build_kenlm.sh")], check=True)
     ngram = subprocess.run(
-        [str(REPO / "scripts" / "generate_ngram.sh"), "3", str(out), str(corpus / "ngram.arpa"),
-         str(corpus / "ngram.binary")],
-        capture_output=True, text=True, env=env,
+        [
+            str(REPO / "scripts" / "generate_ngram.sh"),
+            "3",
+            str(out),
+            str(corpus / "ngram.arpa"),
+            str(corpus / "ngram.binary"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert ngram.returncode == 0, ngram.stderr
     # The n-gram's vocabulary is exactly the pieces of the text.

@@ -193,9 +193,21 @@ def test_espeak_command_fallback(monkeypatch, tmp_path):
 
 def test_runs_as_a_script(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "caiman_asr_train.recipes.demo_corpus", "--output_dir", str(tmp_path), "--num_train", "3",
-         "--num_dev", "1", "--workers", "1"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "caiman_asr_train.recipes.demo_corpus",
+            "--output_dir",
+            str(tmp_path),
+            "--num_train",
+            "3",
+            "--num_dev",
+            "1",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "demo corpus: 3 train + 1 dev utterances" in result.stdout

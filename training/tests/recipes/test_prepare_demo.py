@@ -85,8 +85,12 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     snapshot = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix != ".json"}
 
     _, lines = run()
-    assert _verdicts(lines) == {"corpus": "ready", "stats": "up to date", "spm": "up to date",
-                                "ngram": "up to date"}
+    assert _verdicts(lines) == {
+        "corpus": "ready",
+        "stats": "up to date",
+        "spm": "up to date",
+        "ngram": "up to date",
+    }
     assert {p: p.read_bytes() for p in snapshot} == snapshot
 
     # A new vocabulary size remakes the tokenizer and the n-gram over its pieces only.
@@ -97,8 +101,12 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     # A missing output is remade even though its inputs did not change.
     (root / "ngram" / "ngram.binary").unlink()
     _, lines = run(vocab_size=30)
-    assert _verdicts(lines) == {"corpus": "ready", "stats": "up to date", "spm": "up to date",
-                                "ngram": "made"}
+    assert _verdicts(lines) == {
+        "corpus": "ready",
+        "stats": "up to date",
+        "spm": "up to date",
+        "ngram": "made",
+    }
     assert is_kenlm_binary(root / "ngram" / "ngram.binary")
 
 
@@ -108,6 +116,10 @@ def test_a_new_front_end_version_remakes_the_statistics_only(demo, monkeypatch):
     before = (root / "stats" / "melmeans.pt").stat().st_mtime_ns
     monkeypatch.setattr(prepare_demo_module, "FRONT_END_VERSION", prepare_demo_module.FRONT_END_VERSION + 1)
     _, lines = run()
-    assert _verdicts(lines) == {"corpus": "ready", "stats": "made", "spm": "up to date",
-                                "ngram": "up to date"}
+    assert _verdicts(lines) == {
+        "corpus": "ready",
+        "stats": "made",
+        "spm": "up to date",
+        "ngram": "up to date",
+    }
     assert (root / "stats" / "melmeans.pt").stat().st_mtime_ns != before

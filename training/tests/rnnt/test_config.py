@@ -39,7 +39,9 @@ def test_every_shipped_key_is_in_the_inference_schema_or_ignored(path):
             continue
         schema = nested[section]
         for key, value in body.items():
-            assert key in schema.known_keys(), f"{path.name}: '{section}.{key}' is neither in the schema nor ignored"
+            assert key in schema.known_keys(), (
+                f"{path.name}: '{section}.{key}' is neither in the schema nor ignored"
+            )
             sub = schema.model_fields.get(key)
             if sub is not None and isinstance(value, dict) and hasattr(sub.annotation, "known_keys"):
                 for subkey in value:
@@ -70,7 +72,11 @@ def test_values_match_the_spec_for_base_and_large():
     assert base["rnnt"]["joint_n_hid"] == 768
     assert base["rnnt"]["joint_net_lr_factor"] == 0.343
     large = config.load(CONFIG_DIR / "large-17407sp.yaml")
-    assert (large["rnnt"]["enc_n_hid"], large["rnnt"]["pred_n_hid"], large["rnnt"]["joint_n_hid"]) == (1536, 768, 1024)
+    assert (large["rnnt"]["enc_n_hid"], large["rnnt"]["pred_n_hid"], large["rnnt"]["joint_n_hid"]) == (
+        1536,
+        768,
+        1024,
+    )
     assert large["rnnt"]["joint_net_lr_factor"] == 0.243
 
 
@@ -143,13 +149,19 @@ def test_unknown_keys_name_the_key_and_the_section(tmp_path, section, edit):
 
 def test_in_feats_must_equal_n_filt_times_stacking(tmp_path):
     path = write_variant(tmp_path, lambda c: c["rnnt"].update(in_feats=160))
-    with pytest.raises(ConfigError, match=r"rnnt\.in_feats \(160\) must equal .*n_filt \* frame_splicing\.frame_stacking \(80 \* 3 = 240\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"rnnt\.in_feats \(160\) must equal .*n_filt \* frame_splicing\.frame_stacking \(80 \* 3 = 240\)",
+    ):
         config.load(path)
 
 
 def test_sample_rates_must_agree(tmp_path):
     path = write_variant(tmp_path, lambda c: c["input_val"]["audio_dataset"].update(sample_rate=8000))
-    with pytest.raises(ConfigError, match=r"audio_dataset\.sample_rate \(8000\) must equal .*filterbank_features\.sample_rate \(16000\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"audio_dataset\.sample_rate \(8000\) must equal .*filterbank_features\.sample_rate \(16000\)",
+    ):
         config.load(path)
 
 

@@ -38,7 +38,13 @@ def test_param_groups_apply_lr_factors_and_cover_every_parameter():
     model = RNNT(11, **SMALL)
     groups = model.param_groups(lr=0.01)
     lrs = {g["name"]: g["lr"] for g in groups}
-    assert lrs == {"encoder": 0.02, "prediction": 0.01, "joint_enc": 0.01, "joint_pred": 0.01, "joint_net": 0.005}
+    assert lrs == {
+        "encoder": 0.02,
+        "prediction": 0.01,
+        "joint_enc": 0.01,
+        "joint_pred": 0.01,
+        "joint_net": 0.005,
+    }
     grouped = {id(p) for g in groups for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters()}
 

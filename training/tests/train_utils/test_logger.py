@@ -20,9 +20,16 @@ def test_train_log_holds_info_error_and_warning_lines(tmp_path, capsys):
         log.close()
     captured = capsys.readouterr()
     assert captured.out == "step 1/2 loss 3.000\n"
-    assert captured.err == "error: hardware export of x.pt failed\nwarning: the EMA weights match no FPGA variant\n"
+    assert (
+        captured.err
+        == "error: hardware export of x.pt failed\nwarning: the EMA weights match no FPGA variant\n"
+    )
     text = (tmp_path / LOG_FILE).read_text()
-    for line in ("step 1/2 loss 3.000", "error: hardware export of x.pt failed", "warning: the EMA weights match no FPGA variant"):
+    for line in (
+        "step 1/2 loss 3.000",
+        "error: hardware export of x.pt failed",
+        "warning: the EMA weights match no FPGA variant",
+    ):
         assert text.count(line) == 1
     assert warnings.showwarning is before
 

@@ -50,7 +50,9 @@ def test_torch_save_uses_protocol_2_and_loads_weights_only(tmp_path):
 def tmpfs(mount: Path, options: str):
     """A tmpfs mounted on ``mount`` for the block; skips the test, printing why, where mounting is not permitted."""
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True
+    )
     if mounted.returncode != 0:
         reason = f"mounting a tmpfs is not permitted here ({mounted.stderr.decode().strip()})"
         print(reason)
@@ -102,12 +104,17 @@ def test_a_full_file_system_is_one_line_and_leaves_no_partial_file(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert result.stdout == f"cannot write {tmp_path / 'big.pt'}: the file is too large for this file system or process limit; write elsewhere\n"
+    assert (
+        result.stdout
+        == f"cannot write {tmp_path / 'big.pt'}: the file is too large for this file system or process limit; write elsewhere\n"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_tmpfs_is_one_line_and_leaves_no_partial_file(tmp_path):
     with tmpfs(tmp_path / "small", "size=64k") as mount:
-        with pytest.raises(OutputError, match=f"cannot write {mount / 'big.pt'}: no space left on the device"):
+        with pytest.raises(
+            OutputError, match=f"cannot write {mount / 'big.pt'}: no space left on the device"
+        ):
             atomic_torch_save({"w": torch.ones(1_000_000)}, mount / "big.pt")
         assert list(mount.iterdir()) == []

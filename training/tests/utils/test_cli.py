@@ -6,15 +6,19 @@ import textwrap
 
 
 def run(body: str) -> subprocess.CompletedProcess:
-    script = textwrap.dedent(
-        """
+    script = (
+        textwrap.dedent(
+            """
         import warnings
         from caiman_asr_train.core.errors import ConfigError
         from caiman_asr_train.utils.cli import run_cli
 
         def main():
         """
-    ) + textwrap.indent(textwrap.dedent(body), "    ") + "\nrun_cli(main)\n"
+        )
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "\nrun_cli(main)\n"
+    )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
 
 

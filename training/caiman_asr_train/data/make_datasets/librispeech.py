@@ -55,8 +55,7 @@ def librispeech_manifest(split_dir: PathLike, dataset_dir: PathLike) -> list[dic
     split_dir, dataset_dir = Path(split_dir), Path(dataset_dir)
     if not split_dir.is_dir():
         raise DataError(
-            f"LibriSpeech split directory not found: {split_dir}; "
-            "pass the folder holding SPEAKER/CHAPTER/"
+            f"LibriSpeech split directory not found: {split_dir}; pass the folder holding SPEAKER/CHAPTER/"
         )
     try:
         split_dir.resolve().relative_to(dataset_dir.resolve())
@@ -70,16 +69,13 @@ def librispeech_manifest(split_dir: PathLike, dataset_dir: PathLike) -> list[dic
         | {p.parent for p in split_dir.glob("*/*/*.trans.txt")}
     )
     if not chapters:
-        raise DataError(
-            f"no SPEAKER/CHAPTER/*.flac files under {split_dir}; is it a LibriSpeech split?"
-        )
+        raise DataError(f"no SPEAKER/CHAPTER/*.flac files under {split_dir}; is it a LibriSpeech split?")
     entries = []
     for chapter in tqdm(chapters, desc=f"LibriSpeech {split_dir.name}", unit="chapter"):
         trans_file = chapter / f"{chapter.parent.name}-{chapter.name}.trans.txt"
         if not trans_file.is_file():
             raise DataError(
-                f"transcript file not found: {trans_file.absolute()}; "
-                "restore it from the LibriSpeech archive"
+                f"transcript file not found: {trans_file.absolute()}; restore it from the LibriSpeech archive"
             )
         transcripts = _read_transcripts(trans_file)
         flacs = {p.name[: -len(".flac")]: p for p in chapter.glob("*.flac")}
@@ -100,9 +96,7 @@ def librispeech_manifest(split_dir: PathLike, dataset_dir: PathLike) -> list[dic
             try:
                 info = soundfile.info(str(flac))
             except (soundfile.LibsndfileError, RuntimeError) as exc:
-                raise DataError(
-                    f"cannot read audio file {flac.absolute()} ({exc}); replace it"
-                ) from None
+                raise DataError(f"cannot read audio file {flac.absolute()} ({exc}); replace it") from None
             if info.channels != 1:
                 raise DataError(f"{flac} has {info.channels} channels; LibriSpeech audio is mono")
             fname = flac.resolve().relative_to(dataset_dir.resolve()).as_posix()

@@ -148,8 +148,7 @@ def train_sentencepiece(
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     # The .vocab file in SentencePiece's own format: piece, tab, log probability.
     vocab = "".join(
-        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
-        for i in range(processor.get_piece_size())
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size())
     )
     atomic_write_bytes(f"{output_prefix}.vocab", vocab.encode("utf-8"))
     atomic_write_bytes(f"{output_prefix}.model", model.getvalue())
@@ -177,11 +176,14 @@ def spm_from_json(
 def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
     """``--manifests`` and ``--dataset_dir``, the inputs of ``manifest_transcripts`` (shared with prep_kenlm_data)."""
     parser.add_argument(
-        "--manifests", nargs="+", required=True,
+        "--manifests",
+        nargs="+",
+        required=True,
         help="JSON manifests (SPEC section 11), relative to --dataset_dir when given",
     )
     parser.add_argument(
-        "--dataset_dir", default=None,
+        "--dataset_dir",
+        default=None,
         help="directory the manifest paths are relative to (default: current directory)",
     )
 
@@ -189,21 +191,27 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and the normalisation flags that override it (shared with prep_kenlm_data)."""
     parser.add_argument(
-        "--config", default=None,
+        "--config",
+        default=None,
         help="YAML model config: normalisation (input_train.audio_dataset, tokenizer.labels) "
         "and user symbols (user_tokens) are taken from it; the flags below override it",
     )
     parser.add_argument(
-        "--normalize_transcripts", choices=NORMALIZE_MODES, default=None,
+        "--normalize_transcripts",
+        choices=NORMALIZE_MODES,
+        default=None,
         help="the YAML's audio_dataset.normalize_transcripts (default: the config's, else lowercase)",
     )
     parser.add_argument(
-        "--labels", default=None,
-        help="keep only these characters, e.g. \" abcdefghijklmnopqrstuvwxyz'\" "
+        "--labels",
+        default=None,
+        help='keep only these characters, e.g. " abcdefghijklmnopqrstuvwxyz\'" '
         "(default: the config's tokenizer.labels, else keep all)",
     )
     parser.add_argument(
-        "--remove_tags", action=argparse.BooleanOptionalAction, default=None,
+        "--remove_tags",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="drop <tag>-style markup from transcripts, as audio_dataset.remove_tags "
         "(default: the config's, else on)",
     )
@@ -228,15 +236,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     add_manifest_arguments(parser)
     parser.add_argument(
-        "--output_prefix", required=True,
+        "--output_prefix",
+        required=True,
         help="output path without extension: writes PREFIX.model and PREFIX.vocab",
     )
     parser.add_argument(
-        "--vocab_size", type=int, required=True,
+        "--vocab_size",
+        type=int,
+        required=True,
         help="number of pieces, <unk> and user symbols included (fewer on a small corpus)",
     )
     parser.add_argument(
-        "--user_symbols", nargs="*", default=None,
+        "--user_symbols",
+        nargs="*",
+        default=None,
         help="pieces always kept whole, e.g. <EOS> (default: the config's user_tokens, else none)",
     )
     add_text_arguments(parser)

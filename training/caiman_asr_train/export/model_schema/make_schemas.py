@@ -34,7 +34,9 @@ def variant_schema(config_path: Path, vocab_size: int) -> dict[str, list[int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output_dir", type=Path, default=SCHEMA_DIR, help="where to write the JSON files")
     args = parser.parse_args()
     for name, (yaml_name, vocab_size) in VARIANTS.items():

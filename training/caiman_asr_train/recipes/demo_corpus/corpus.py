@@ -52,6 +52,7 @@ PathLike = Union[str, os.PathLike]
 # fingerprinted by their hash).
 GENERATOR_VERSION = 2
 
+
 def default_output_dir() -> Path:
     """``datasets/demo`` at the repository root, or under the current directory
     when the package is installed outside a checkout."""
@@ -159,8 +160,14 @@ def make_demo_corpus(
     """
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     workers = workers if workers is not None else _default_workers()
-    settings = {"generator_version": GENERATOR_VERSION, "grammar_data_sha256": data_files_sha256(),
-                "seed": seed, "num_train": num_train, "num_dev": num_dev, "sample_rate": SAMPLE_RATE}
+    settings = {
+        "generator_version": GENERATOR_VERSION,
+        "grammar_data_sha256": data_files_sha256(),
+        "seed": seed,
+        "num_train": num_train,
+        "num_dev": num_dev,
+        "sample_rate": SAMPLE_RATE,
+    }
     marker_path = output_dir / MARKER
     previous = _read_marker(marker_path)
     if previous is not None and {k: previous.get(k) for k in settings} != settings:
@@ -194,8 +201,10 @@ def make_demo_corpus(
 
     marker = {**settings, "complete": True}
     for split in SPLITS:
-        entries = [manifest_entry(text, _fname(split, index), num_samples[split, index], SAMPLE_RATE)
-                   for index, text in enumerate(sentences[split])]
+        entries = [
+            manifest_entry(text, _fname(split, index), num_samples[split, index], SAMPLE_RATE)
+            for index, text in enumerate(sentences[split])
+        ]
         write_manifest(entries, output_dir / f"{split}.json")
         total = sum(num_samples[split, index] for index in range(len(sentences[split])))
         marker[f"{split}_hours"] = round(total / SAMPLE_RATE / 3600, 4)
@@ -208,16 +217,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         prog="python -m caiman_asr_train.recipes.demo_corpus", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--output_dir", default=None,
+        "--output_dir",
+        default=None,
         help="where to write the corpus (default: datasets/demo at the repository root)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of sentences and voices (default: 0)")
-    parser.add_argument("--num_train", type=int, default=3000,
-                        help="number of training utterances (default: 3000)")
-    parser.add_argument("--num_dev", type=int, default=200,
-                        help="number of held-out dev utterances (default: 200)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="synthesis processes (default: one per available CPU core)")
+    parser.add_argument(
+        "--num_train", type=int, default=3000, help="number of training utterances (default: 3000)"
+    )
+    parser.add_argument(
+        "--num_dev", type=int, default=200, help="number of held-out dev utterances (default: 200)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="synthesis processes (default: one per available CPU core)"
+    )
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_dev < 1:
         parser.error("--num_train and --num_dev must be at least 1")
@@ -225,5 +238,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.monotonic()
     marker = make_demo_corpus(output_dir, args.seed, args.num_train, args.num_dev, args.workers)
     hours = marker["train_hours"] + marker["dev_hours"]
-    print(f"demo corpus: {args.num_train} train + {args.num_dev} dev utterances, "
-          f"{hours:.2f} h of audio in {output_dir} ({time.monotonic() - start:.1f} s)")
+    print(
+        f"demo corpus: {args.num_train} train + {args.num_dev} dev utterances, "
+        f"{hours:.2f} h of audio in {output_dir} ({time.monotonic() - start:.1f} s)"
+    )

@@ -68,8 +68,16 @@ class _EspeakLibrary:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         self.sample_rate = lib.espeak_Initialize(
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path, _INITIALIZE_DONT_EXIT
         )
@@ -89,8 +97,9 @@ class _EspeakLibrary:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0 = keep going
 
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-                   seed: int) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, seed: int
+    ) -> np.ndarray:
         """int16 samples ``[N]`` at ``self.sample_rate`` Hz; ``seed`` fixes breath noise."""
         lib = self._load()
         try:
@@ -104,8 +113,7 @@ class _EspeakLibrary:
                 lib.espeak_SetParameter(parameter, value, 0)
             self._chunks = []
             encoded = text.encode() + b"\0"
-            status = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8,
-                                      None, None)
+            status = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
             lib.espeak_Synchronize()
         finally:
             self._unload(lib)
@@ -120,8 +128,9 @@ class _EspeakCommand:
     def __init__(self, executable: str):
         self.executable = executable
 
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-                   seed: int) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, seed: int
+    ) -> np.ndarray:
         command = [self.executable, "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text]
         result = subprocess.run(command, capture_output=True, check=False)
         if result.returncode != 0:
@@ -173,7 +182,11 @@ def synthesize(text: str, settings: dict) -> np.ndarray:
     """Speak ``text`` with ``settings`` (see ``speaker_settings``): float32 ``[N]`` at 16 kHz."""
     engine = _espeak()
     samples = engine.synthesize(
-        text, settings["voice"], settings["rate"], settings["pitch"], settings["pitch_range"],
+        text,
+        settings["voice"],
+        settings["rate"],
+        settings["pitch"],
+        settings["pitch_range"],
         settings["noise_seed"],
     )
     speech = samples.astype(np.float32)
@@ -188,4 +201,3 @@ def synthesize(text: str, settings: dict) -> np.ndarray:
     noise_rng = np.random.default_rng(settings["noise_seed"])
     noise = noise_rng.normal(0.0, settings["noise_std"], audio.shape)
     return np.clip(audio + noise.astype(np.float32), -1.0, 1.0).astype(np.float32)
-

@@ -132,8 +132,9 @@ class _Grammar:
     def adjective(self, noun_classes: str) -> str:
         return self.choice([a for a, cls in _ADJECTIVES if set(cls) & set(noun_classes)])
 
-    def noun_phrase(self, classes: str, plural: Optional[bool] = None,
-                    adjective_p: float = 0.4) -> tuple[list[str], bool]:
+    def noun_phrase(
+        self, classes: str, plural: Optional[bool] = None, adjective_p: float = 0.4
+    ) -> tuple[list[str], bool]:
         """Determiner, optional adjective, noun. Returns (words, is_plural)."""
         singular, plural_form, noun_classes = self.noun(classes)
         if plural is None:
@@ -207,32 +208,60 @@ class _Grammar:
         """A time phrase fitting ``tense``: past, present, progressive or future."""
         rng = self.rng
         if tense == "past":
-            return self.choice([
-                ["yesterday"], ["last", self.choice(["night", "week", "month", "year", "summer"])],
-                ["this", self.choice(["morning", "afternoon"])], ["on", self.choice(_DAYS)],
-                ["in", self.choice(_MONTHS)], number_words(rng.randint(2, 12)) + [
-                    self.choice(["days", "weeks", "years", "minutes", "hours"]), "ago"],
-                ["at", *number_words(rng.randint(1, 12)), "o'clock"], ["after", "lunch"],
-                ["before", "dinner"], ["earlier"],
-            ])
+            return self.choice(
+                [
+                    ["yesterday"],
+                    ["last", self.choice(["night", "week", "month", "year", "summer"])],
+                    ["this", self.choice(["morning", "afternoon"])],
+                    ["on", self.choice(_DAYS)],
+                    ["in", self.choice(_MONTHS)],
+                    number_words(rng.randint(2, 12))
+                    + [self.choice(["days", "weeks", "years", "minutes", "hours"]), "ago"],
+                    ["at", *number_words(rng.randint(1, 12)), "o'clock"],
+                    ["after", "lunch"],
+                    ["before", "dinner"],
+                    ["earlier"],
+                ]
+            )
         if tense == "future":
-            return self.choice([
-                ["tomorrow"], ["tonight"], ["soon"], ["later"], ["next", self.choice(
-                    ["week", "month", "year", "summer", "time"])], ["on", self.choice(_DAYS)],
-                ["this", self.choice(["evening", "weekend", "afternoon"])],
-                ["at", *number_words(rng.randint(1, 12)), "o'clock"], ["after", "school"],
-                ["in", *number_words(rng.randint(2, 30)), self.choice(["minutes", "days"])],
-            ])
+            return self.choice(
+                [
+                    ["tomorrow"],
+                    ["tonight"],
+                    ["soon"],
+                    ["later"],
+                    ["next", self.choice(["week", "month", "year", "summer", "time"])],
+                    ["on", self.choice(_DAYS)],
+                    ["this", self.choice(["evening", "weekend", "afternoon"])],
+                    ["at", *number_words(rng.randint(1, 12)), "o'clock"],
+                    ["after", "school"],
+                    ["in", *number_words(rng.randint(2, 30)), self.choice(["minutes", "days"])],
+                ]
+            )
         if tense == "progressive":
-            return self.choice([["now"], ["right", "now"], ["today"], ["at", "the", "moment"],
-                                ["this", "morning"], ["again"]])
-        return self.choice([
-            ["every", self.choice(["day", "morning", "evening", "week", "night", "summer"])],
-            ["in", "the", self.choice(["morning", "afternoon", "evening"])], ["at", "night"],
-            ["on", self.choice(_DAYS) + "s"], ["after", self.choice(["breakfast", "lunch", "work"])],
-            ["before", self.choice(["breakfast", "dinner", "bed"])], ["on", "weekends"],
-            ["at", "noon"], ["in", self.choice(["winter", "summer", "spring"])],
-        ])
+            return self.choice(
+                [
+                    ["now"],
+                    ["right", "now"],
+                    ["today"],
+                    ["at", "the", "moment"],
+                    ["this", "morning"],
+                    ["again"],
+                ]
+            )
+        return self.choice(
+            [
+                ["every", self.choice(["day", "morning", "evening", "week", "night", "summer"])],
+                ["in", "the", self.choice(["morning", "afternoon", "evening"])],
+                ["at", "night"],
+                ["on", self.choice(_DAYS) + "s"],
+                ["after", self.choice(["breakfast", "lunch", "work"])],
+                ["before", self.choice(["breakfast", "dinner", "bed"])],
+                ["on", "weekends"],
+                ["at", "noon"],
+                ["in", self.choice(["winter", "summer", "spring"])],
+            ]
+        )
 
     def verb_phrase(self, verb: _Verb, form: str) -> list[str]:
         """The verb in ``form`` (a ``_Verb`` field name) and its object, destination or nothing."""
@@ -305,17 +334,20 @@ class _Grammar:
     def modal(self) -> list[str]:
         verb = self.choice(self.verbs)
         subject, _ = self.subject(verb.subjects)
-        modal = self.choice(["can", "can't", "could", "should", "must", "might", "may",
-                             "would", "shouldn't", "couldn't"])
-        return (subject + [modal] + self.verb_phrase(verb, "base")
-                + self.extras("future", not verb.objects))
+        modal = self.choice(
+            ["can", "can't", "could", "should", "must", "might", "may", "would", "shouldn't", "couldn't"]
+        )
+        return subject + [modal] + self.verb_phrase(verb, "base") + self.extras("future", not verb.objects)
 
     def perfect(self) -> list[str]:
         verb = self.choice(self.transitive)
         subject, person = self.subject(verb.subjects)
         if self.chance(0.35):
-            return (["have", "you"] + self.choice([[], ["ever"], ["already"]])
-                    + self.verb_phrase(verb, "participle"))
+            return (
+                ["have", "you"]
+                + self.choice([[], ["ever"], ["already"]])
+                + self.verb_phrase(verb, "participle")
+            )
         aux = ["has"] if person == "3" else ["have"]
         if subject[0] in ("i", "we", "you", "they") and len(subject) == 1 and self.chance(0.5):
             subject, aux = [subject[0] + "'ve"], []
@@ -354,8 +386,7 @@ class _Grammar:
             verb = self.choice([v for v in self.transitive if set(v.objects) & set(classes)])
             return ["how", "many", plural_form, "did"] + self.subject(verb.subjects)[0] + [verb.base]
         if kind == 4:
-            who = self.choice([[self.choice(_NAMES)], self.definite("PA", plural=False)[0],
-                               ["he"], ["she"]])
+            who = self.choice([[self.choice(_NAMES)], self.definite("PA", plural=False)[0], ["he"], ["she"]])
             return ["what", "is"] + who + ["doing"] + self.extras("progressive", True)
         if kind == 5:
             verb = self.choice(self.verbs)
@@ -365,15 +396,19 @@ class _Grammar:
             return [wh, aux] + subject + self.verb_phrase(verb, "base")
         if kind == 6:
             words, plural = self.definite("TCXGFDAVP")
-            return (["why", "are" if plural else "is"] + words
-                    + [self.choice(_DEGREE[:4]), self.adjective(_noun_classes(words[-1]))])
+            return (
+                ["why", "are" if plural else "is"]
+                + words
+                + [self.choice(_DEGREE[:4]), self.adjective(_noun_classes(words[-1]))]
+            )
         thing, verbs = self.choice(_SCHEDULES)
         return ["what", "time", "does", "the", thing, self.choice(verbs)]
 
     def command(self) -> list[str]:
         verb = self.choice(self.verbs)
-        head = self.choice([[], [], ["please"], ["don't"], ["let's"], ["please", "don't"],
-                            ["never"], ["always"]])
+        head = self.choice(
+            [[], [], ["please"], ["don't"], ["let's"], ["please", "don't"], ["never"], ["always"]]
+        )
         tail = ["please"] if "please" not in head and self.chance(0.25) else []
         return head + self.verb_phrase(verb, "base") + self.extras("future", not verb.objects) + tail
 
@@ -385,18 +420,35 @@ class _Grammar:
             degree = [self.choice(_DEGREE)] if self.chance(0.5) else []
             return words + [be] + degree + [self.adjective(_noun_classes(words[-1]))]
         if kind == 1:
-            weather = self.choice(["cold", "hot", "warm", "sunny", "windy", "cloudy", "dark",
-                                   "quiet", "late", "early", "nice", "wet", "dry"])
+            weather = self.choice(
+                [
+                    "cold",
+                    "hot",
+                    "warm",
+                    "sunny",
+                    "windy",
+                    "cloudy",
+                    "dark",
+                    "quiet",
+                    "late",
+                    "early",
+                    "nice",
+                    "wet",
+                    "dry",
+                ]
+            )
             head = self.choice([["it's"], ["it", "is"], ["it", "was"], ["it", "will", "be"]])
-            tail = self.choice([[], ["outside"], ["today"], ["tonight"], ["again"],
-                                ["in", "the", "morning"], ["here"]])
+            tail = self.choice(
+                [[], ["outside"], ["today"], ["tonight"], ["again"], ["in", "the", "morning"], ["here"]]
+            )
             return head + ([self.choice(_DEGREE)] if self.chance(0.5) else []) + [weather] + tail
         if kind == 2:
             name = self.choice(_NAMES)
             singular, _, classes = self.noun("P")
             adjective = self.adjective(classes)
             return [name, "is", _article(adjective), adjective, singular] + (
-                self.place() if self.chance(0.3) else [])
+                self.place() if self.chance(0.3) else []
+            )
         if kind == 3:
             words, _ = self.definite("TCXGFDAV", plural=False)
             verb = self.choice(["looks", "sounds", "smells", "feels", "seems"])
@@ -404,7 +456,10 @@ class _Grammar:
         singular, _, classes = self.choice(self.countable)
         adjective = self.adjective(classes)
         return self.choice([["that's"], ["this", "is"], ["what"], ["it", "was"]]) + [
-            _article(adjective), adjective, singular]
+            _article(adjective),
+            adjective,
+            singular,
+        ]
 
     def there_is(self) -> list[str]:
         singular, plural_form, classes = self.noun("TCXGFDAVP")
@@ -455,9 +510,20 @@ class _Grammar:
         singular, plural_form = self.choice(_UNITS)
         n = rng.randint(1, 60)
         unit = singular if n == 1 else plural_form
-        return (self.choice([["we", "waited", "for"], ["it", "takes"], ["it", "took"],
-                             ["i", "walked"], ["they", "drove"], ["she", "stayed", "for"]])
-                + number_words(n) + [unit])
+        return (
+            self.choice(
+                [
+                    ["we", "waited", "for"],
+                    ["it", "takes"],
+                    ["it", "took"],
+                    ["i", "walked"],
+                    ["they", "drove"],
+                    ["she", "stayed", "for"],
+                ]
+            )
+            + number_words(n)
+            + [unit]
+        )
 
     def wants_to(self) -> list[str]:
         verb = self.choice(self.verbs)
@@ -467,7 +533,8 @@ class _Grammar:
             want = {"try": "tries"}.get(want, want + "s")
         elif self.chance(0.4):
             want = {"try": "tried", "forget": "forgot", "plan": "planned"}.get(
-                want, want + "d" if want.endswith("e") else want + "ed")
+                want, want + "d" if want.endswith("e") else want + "ed"
+            )
         if subject == ["i"] and self.chance(0.3):
             return ["i'd", "like", "to"] + self.verb_phrase(verb, "base")
         return subject + [want, "to"] + self.verb_phrase(verb, "base")
@@ -487,8 +554,17 @@ class _Grammar:
         return subject + self.verb_phrase(verb, form)
 
     def opinion(self) -> list[str]:
-        head = self.choice([["i", "think"], ["i", "know"], ["we", "hope"], ["she", "said"],
-                            ["i", "don't", "think"], ["they", "know"], ["he", "thinks"]])
+        head = self.choice(
+            [
+                ["i", "think"],
+                ["i", "know"],
+                ["we", "hope"],
+                ["she", "said"],
+                ["i", "don't", "think"],
+                ["they", "know"],
+                ["he", "thinks"],
+            ]
+        )
         tail = self.clause(self.choice(["present", "past"]))
         return head + (["that"] if self.chance(0.3) else []) + tail
 
@@ -497,15 +573,28 @@ class _Grammar:
         kind = self.rng.randrange(3)
         if kind == 0:
             noun, preps = self.choice(_SPOTS)
-            return (self.choice([["put"], ["please", "put"], ["i", "put"], ["she", "left"]])
-                    + thing + [self.choice(preps), "the", noun])
+            return (
+                self.choice([["put"], ["please", "put"], ["i", "put"], ["she", "left"]])
+                + thing
+                + [self.choice(preps), "the", noun]
+            )
         if kind == 1:
             verb = self.choice(["give", "gave", "show", "showed", "bring", "brought", "send", "sent"])
             if self.chance(0.5):
                 return [verb, self.choice(["me", "him", "her", "us", "them"])] + thing
             return [verb] + thing + ["to", self.choice(_NAMES)]
-        return self.choice([["can", "you", "pass"], ["please", "pass"], ["could", "you", "hand"],
-                            ["will", "you", "bring"]]) + ["me"] + thing
+        return (
+            self.choice(
+                [
+                    ["can", "you", "pass"],
+                    ["please", "pass"],
+                    ["could", "you", "hand"],
+                    ["will", "you", "bring"],
+                ]
+            )
+            + ["me"]
+            + thing
+        )
 
     def sentence(self) -> str:
         """One sentence of MIN_WORDS..MAX_WORDS words."""
@@ -525,9 +614,7 @@ def _noun_classes(word: str) -> str:
     return "TCXGFDAVP"
 
 
-def make_sentences(
-    seed: int = 0, num_train: int = 3000, num_dev: int = 200
-) -> tuple[list[str], list[str]]:
+def make_sentences(seed: int = 0, num_train: int = 3000, num_dev: int = 200) -> tuple[list[str], list[str]]:
     """Distinct training sentences and held-out dev sentences, fixed by ``seed``.
 
     No dev sentence occurs in training. Dev sentences use only training words
@@ -565,5 +652,3 @@ def make_sentences(
             "ask for fewer with --num_train/--num_dev"
         )
     return train, dev
-
-

@@ -49,13 +49,22 @@ def _expected():
     entries = []
     for (speaker, chapter, utt), (text, frames) in sorted(UTTERANCES.items()):
         fname = f"dev-clean/{speaker}/{chapter}/{speaker}-{chapter}-{utt}.flac"
-        entries.append({
-            "transcript": text,
-            "files": [{"fname": fname, "channels": 1, "sample_rate": 16000,
-                       "duration": frames / 16000, "num_samples": frames}],
-            "original_duration": frames / 16000,
-            "original_num_samples": frames,
-        })
+        entries.append(
+            {
+                "transcript": text,
+                "files": [
+                    {
+                        "fname": fname,
+                        "channels": 1,
+                        "sample_rate": 16000,
+                        "duration": frames / 16000,
+                        "num_samples": frames,
+                    }
+                ],
+                "original_duration": frames / 16000,
+                "original_num_samples": frames,
+            }
+        )
     return entries
 
 
@@ -88,7 +97,8 @@ def test_runs_as_a_script_and_prints_errors_in_one_line(tmp_path):
 
     result = subprocess.run(
         [sys.executable, module.__file__, "--split_dir", str(tmp_path / "absent")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: LibriSpeech split directory not found")

@@ -10,9 +10,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from caiman_asr_train.core.errors import DataError, TokenizerError
-from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir
-from caiman_asr_train.recipes.demo_corpus.grammar import make_sentences
 from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_manifest
+from caiman_asr_train.data.normalizers import normalize_transcript
 from caiman_asr_train.data.spm.spm_from_json import (
     config_user_symbols,
     main,
@@ -21,7 +20,8 @@ from caiman_asr_train.data.spm.spm_from_json import (
     train_sentencepiece,
 )
 from caiman_asr_train.data.tokenizer import Tokenizer
-from caiman_asr_train.data.normalizers import normalize_transcript
+from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir
+from caiman_asr_train.recipes.demo_corpus.grammar import make_sentences
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.cli import run_cli
 
@@ -69,9 +69,7 @@ def test_settings_follow_the_spec(tmp_path):
     assert sp.piece_to_id("<EOS>") != sp.unk_id()
     # The .vocab file lists the model's pieces in id order.
     vocab = (tmp_path / "spm" / "tiny.vocab").read_text(encoding="utf-8").splitlines()
-    assert [line.split("\t")[0] for line in vocab] == [
-        sp.id_to_piece(i) for i in range(sp.get_piece_size())
-    ]
+    assert [line.split("\t")[0] for line in vocab] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
 def test_round_trips_every_normalised_transcript(tmp_path):
@@ -147,8 +145,16 @@ def test_missing_manifest_and_empty_transcripts_are_data_errors(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     _write_manifest(tmp_path / "train.json", TRANSCRIPTS)
-    args = ["--dataset_dir", str(tmp_path), "--manifests", "train.json",
-            "--output_prefix", str(tmp_path / "out" / "cli"), "--user_symbols", "<EOS>"]
+    args = [
+        "--dataset_dir",
+        str(tmp_path),
+        "--manifests",
+        "train.json",
+        "--output_prefix",
+        str(tmp_path / "out" / "cli"),
+        "--user_symbols",
+        "<EOS>",
+    ]
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--vocab_size", "40"], capture_output=True, text=True
     )
@@ -198,16 +204,44 @@ def test_config_supplies_normalisation_and_user_symbols(tmp_path):
     assert config_user_symbols(cfg) == ["<EOS>"]
 
     _write_manifest(tmp_path / "train.json", TRANSCRIPTS)
-    main(["--config", str(tmp_path / "model.yaml"), "--dataset_dir", str(tmp_path),
-          "--manifests", "train.json", "--output_prefix", str(tmp_path / "cfg"), "--vocab_size", "40"])
+    main(
+        [
+            "--config",
+            str(tmp_path / "model.yaml"),
+            "--dataset_dir",
+            str(tmp_path),
+            "--manifests",
+            "train.json",
+            "--output_prefix",
+            str(tmp_path / "cfg"),
+            "--vocab_size",
+            "40",
+        ]
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "cfg.model"))
     assert sp.piece_to_id("<EOS>") != sp.unk_id()
     assert sp.piece_to_id(".") == sp.unk_id()  # not in the config's labels
     assert sp.piece_to_id("T") == sp.unk_id()  # lower-cased
     # A flag overrides the config.
-    main(["--config", str(tmp_path / "model.yaml"), "--dataset_dir", str(tmp_path),
-          "--manifests", "train.json", "--output_prefix", str(tmp_path / "keep"), "--vocab_size", "50",
-          "--normalize_transcripts", "none", "--labels", string.ascii_letters + " '.", "--user_symbols"])
+    main(
+        [
+            "--config",
+            str(tmp_path / "model.yaml"),
+            "--dataset_dir",
+            str(tmp_path),
+            "--manifests",
+            "train.json",
+            "--output_prefix",
+            str(tmp_path / "keep"),
+            "--vocab_size",
+            "50",
+            "--normalize_transcripts",
+            "none",
+            "--labels",
+            string.ascii_letters + " '.",
+            "--user_symbols",
+        ]
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "keep.model"))
     assert sp.piece_to_id("T") != sp.unk_id() and sp.piece_to_id(".") != sp.unk_id()
     assert sp.piece_to_id("<EOS>") == sp.unk_id()
