@@ -1,4 +1,4 @@
-"""Validate a checkpoint: greedy or beam decoding and word error rate on manifests (SPEC section 10).
+"""Validate a checkpoint: greedy or beam decoding and word error rate on manifests (docs/formats.md section 10).
 
 ``--ckpt`` is one of:
 

@@ -1,4 +1,4 @@
-"""Time-synchronous adaptive beam search for the transducer, with n-gram shallow fusion (SPEC section 12).
+"""Time-synchronous adaptive beam search for the transducer, with n-gram shallow fusion (docs/formats.md section 12).
 
 The algorithm is CAIMAN-ASR's. Per encoder frame, the hypotheses carried from
 the previous frame (the frame's *inputs*) are expanded best-first: the joint

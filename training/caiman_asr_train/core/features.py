@@ -1,4 +1,4 @@
-"""The inference front end: waveform -> encoder input, as SPEC section 6 and the server.
+"""The inference front end: waveform -> encoder input, as docs/formats.md section 6 and the server.
 
 Every step here is the inference server's step, in the server's order:
 
@@ -137,7 +137,7 @@ def _zero_past_length(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 
 
 class FilterbankFeatures(nn.Module):
-    """Waveform -> natural-log mel power spectrogram, exactly as SPEC section 6.
+    """Waveform -> natural-log mel power spectrogram, exactly as docs/formats.md section 6.
 
     Per utterance: prepend ``int(sample_rate * (window_size - window_stride))``
     zeros (the server's initial padding; ``initial_padding=False`` skips it, to

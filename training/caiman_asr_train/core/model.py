@@ -1,7 +1,7 @@
 """The RNN-Transducer: one shape definition (``ConfigRNNT``) and one module (``RNNT``).
 
 State-dict names, order and shapes are the contract with the inference server
-(SPEC section 5). Tensor layouts (B batch, T frames, U labels, F features):
+(docs/formats.md section 5). Tensor layouts (B batch, T frames, U labels, F features):
 
     encode(x[T, B, F], x_lens[B])          -> f[B, T', H], f_lens[B], state
     predict(y[B, U])                       -> g[B, U+1, P], state   (zero start input first)

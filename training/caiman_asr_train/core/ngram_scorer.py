@@ -1,4 +1,4 @@
-"""KenLM n-gram scores for shallow fusion in beam search (SPEC sections 7 and 12).
+"""KenLM n-gram scores for shallow fusion in beam search (docs/formats.md sections 7 and 12).
 
 The n-gram is over SentencePiece piece strings. Beam search adds
 ``scale_factor * ln P(piece | context)`` per emitted piece; KenLM returns

@@ -1,6 +1,6 @@
 """Read weight-quantized checkpoints (``*.q.pt``) back into float weights.
 
-A ``*.q.pt`` carries every key of a hardware checkpoint (SPEC section 9)
+A ``*.q.pt`` carries every key of a hardware checkpoint (docs/formats.md section 9)
 except ``state_dict``, plus:
 
     quantization:         {"type": "int8_per_channel" | "int8_blockwise" | "int4_per_channel"
@@ -9,7 +9,7 @@ except ``state_dict``, plus:
                           or {"q": Tensor, "scale": float32 Tensor[rows, blocks], "shape": [rows, cols]}
 
 A quantized entry is a 2-D weight (LSTM ``weight_ih``/``weight_hh``, linear,
-embedding) quantized symmetrically along its input axis (SPEC section 13):
+embedding) quantized symmetrically along its input axis (docs/formats.md section 13):
 ``w[r, c] ~= q[r, c] * scale[r, c // block]``, where ``block`` is the record's
 ``block_size`` (``None`` = per channel: one block spanning the row, so
 ``scale`` is ``[rows, 1]``); the last block of a row may be shorter. ``q`` is

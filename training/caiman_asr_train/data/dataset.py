@@ -1,6 +1,6 @@
 """Manifest entries -> (waveform, normalised transcript, token ids), and batches of them.
 
-``AudioDataset`` reads one utterance per item (SPEC section 11 manifests);
+``AudioDataset`` reads one utterance per item (docs/formats.md section 11 manifests);
 ``collate`` pads a list of items into a ``Batch``. Features are not computed
 here: ``data.features.FeaturePipeline`` turns a batch's waveforms into encoder
 input on the training or validation device, where it is cheap.

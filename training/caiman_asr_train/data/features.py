@@ -1,4 +1,4 @@
-"""Training-time features: the normalisation ramp and augmentation (SPEC section 6).
+"""Training-time features: the normalisation ramp and augmentation (docs/formats.md section 6).
 
 The inference front end (filterbank, dataset normalisation, frame splicing,
 final padding, mel statistics) lives in ``caiman_asr_train.core.features`` and

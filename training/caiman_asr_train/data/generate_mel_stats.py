@@ -1,4 +1,4 @@
-"""Dataset mel statistics for feature normalisation (SPEC section 6).
+"""Dataset mel statistics for feature normalisation (docs/formats.md section 6).
 
 Writes ``melmeans.pt`` and ``melvars.pt`` (float32 ``[n_filt]``) and ``meln.pt``
 (float32 ``[1]``, the number of frames) into the config's
@@ -46,7 +46,7 @@ def compute_mel_stats(
     caught.
 
     Args:
-        manifest_entries: manifest entries (SPEC section 11).
+        manifest_entries: manifest entries (docs/formats.md section 11).
         dataset_dir: directory the entries' ``fname`` values are relative to.
         filterbank_features: the config's ``filterbank_features`` block.
         progress: show a tqdm progress bar.

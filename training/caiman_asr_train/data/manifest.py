@@ -1,4 +1,4 @@
-"""Read, validate and write JSON manifests (SPEC section 11).
+"""Read, validate and write JSON manifests (docs/formats.md section 11).
 
 A manifest is a JSON list with one entry per utterance::
 
@@ -22,7 +22,7 @@ from caiman_asr_train.utils.atomic import atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 
-_FIX = "regenerate the manifest or fix it by hand (format: SPEC section 11)"
+_FIX = "regenerate the manifest or fix it by hand (format: docs/formats.md section 11)"
 
 
 def manifest_entry(transcript: str, fname: str, num_samples: int, sample_rate: int = 16000) -> dict:
@@ -84,7 +84,7 @@ def _check_fields(obj: Any, fields: dict, where: str, source: str) -> None:
 
 
 def validate_manifest(entries: Any, source: str) -> list[dict]:
-    """Check ``entries`` against SPEC section 11 and return them.
+    """Check ``entries`` against docs/formats.md section 11 and return them.
 
     ``source`` names the manifest in error messages. Raises ``DataError`` at the
     first problem, naming the entry index and field.

@@ -1,4 +1,4 @@
-"""Find and read the KenLM n-gram named by the config's ``ngram.ngram_path`` (SPEC section 7).
+"""Find and read the KenLM n-gram named by the config's ``ngram.ngram_path`` (docs/formats.md section 7).
 
 ``ngram_path`` is a directory holding ``ngram.binary`` (KenLM's binary format,
 preferred) and/or ``ngram.arpa``. Hardware checkpoints embed only the binary

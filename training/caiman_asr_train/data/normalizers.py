@@ -8,7 +8,7 @@ comparable text:
   ``remove_tags``): this is what the tokenizer is trained on and what the model
   learns to emit.
 - ``standardize`` is the Whisper English normaliser applied to both sides
-  before scoring when ``standardize_wer: true`` (SPEC section 10). It maps
+  before scoring when ``standardize_wer: true`` (docs/formats.md section 10). It maps
   spelling variants that should not count as errors ("Don't" and "do not",
   "twenty five" and "25", "colour" and "color") to one form.
 """

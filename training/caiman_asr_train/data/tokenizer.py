@@ -1,4 +1,4 @@
-"""Transcripts to SentencePiece token ids and back (SPEC section 7).
+"""Transcripts to SentencePiece token ids and back (docs/formats.md section 7).
 
 Words are encoded one by one and their ids concatenated, so a word is always
 split the same way whatever its neighbours: the pieces the model learns are

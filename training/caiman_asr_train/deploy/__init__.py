@@ -1,4 +1,4 @@
-"""Inference artefacts for servers other than the FPGA one (SPEC section 13).
+"""Inference artefacts for servers other than the FPGA one (docs/formats.md section 13).
 
 Every graph is built by hand with ``onnx.helper`` from a hardware checkpoint's
 float32 weights (``deploy.onnx_graphs``), so names and op layout are fixed and

@@ -124,7 +124,7 @@ def _check_layout(layout: str) -> None:
 def features_graph(
     filterbank_features: Mapping, melmeans: np.ndarray, melvars: np.ndarray
 ) -> onnx.ModelProto:
-    """Waveform -> dataset-normalised log-mel frames, the SPEC section 6 front end without dither.
+    """Waveform -> dataset-normalised log-mel frames, the docs/formats.md section 6 front end without dither.
 
     Inputs:
         history f32[H], H >= 1: the raw samples just before ``waveform``. At the

@@ -1,6 +1,6 @@
 """Weight quantization on export: the math, the ``*.q.pt`` writer, the ONNX bundle entry point and the WER gate.
 
-Symmetric and weight-only (SPEC section 13): for ``b`` bits,
+Symmetric and weight-only (docs/formats.md section 13): for ``b`` bits,
 ``scale = max|w| / (2^(b-1) - 1)`` over a block of the input axis and
 ``q = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1)``. ``*_per_channel`` uses
 one block spanning the input axis, so one scale per output row (per gate row

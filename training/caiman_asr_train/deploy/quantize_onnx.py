@@ -16,7 +16,7 @@ encoder's speed at the demo size):
 Every other weight, and every weight of the other types, becomes an int8/int4
 initializer read through ``DequantizeLinear`` with ``block_size`` along the
 weight's input axis, values and scales from ``deploy.quantize.quantize``
-(exactly SPEC section 13). ONNX Runtime fuses each ``DequantizeLinear ->
+(exactly docs/formats.md section 13). ONNX Runtime fuses each ``DequantizeLinear ->
 MatMul`` pair into ``MatMulNBits`` at load; the LSTM weights are dequantized on
 every run (a tenth of the float encoder's speed at the demo size) unless the
 session folds them at load (session config ``session.disable_quant_qdq`` = 1:

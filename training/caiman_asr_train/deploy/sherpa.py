@@ -1,5 +1,5 @@
 """Write a sherpa-onnx bundle: a NeMo-style transducer that ``OfflineRecognizer.from_transducer(...,
-model_type="nemo_transducer")`` loads (SPEC section 13).
+model_type="nemo_transducer")`` loads (docs/formats.md section 13).
 
 Files:
 
@@ -18,7 +18,7 @@ sherpa-onnx computes the features itself with kaldi-native-fbank. For NeMo
 transducers it sets low_freq 0, ``is_librosa`` (Slaney mel) and no DC-offset
 removal, and keeps its other defaults: 25 ms frames every 10 ms,
 pre-emphasis 0.97, no dither, ``snip_edges`` false; none of these can be set
-from its Python API. What still differs from SPEC section 6: the "povey"
+from its Python API. What still differs from docs/formats.md section 6: the "povey"
 window (Hann to the power 0.85) instead of DALI's Hann; the frame positions
 (the first frame is centred on sample 0 with reflected edges, where we
 prepend ``window_size - window_stride`` of zeros: a 7.5 ms shift); its mel

@@ -5,7 +5,7 @@ Per batch: append the validation-time final padding to each waveform
 eval mode, norm weight 1.0), decode (greedy by default, or the ``Decoder``
 given: ``evaluate.decoding``, e.g. beam search with the n-gram),
 detokenize, and score every hypothesis against its normalised reference
-(``evaluate.wer.word_error_rate``, SPEC section 10).
+(``evaluate.wer.word_error_rate``, docs/formats.md section 10).
 """
 
 from typing import Iterable, Optional, Union

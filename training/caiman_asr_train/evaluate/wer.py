@@ -1,4 +1,4 @@
-"""Word (or character) error rate, SPEC section 10."""
+"""Word (or character) error rate, docs/formats.md section 10."""
 
 import math
 from collections.abc import Sequence

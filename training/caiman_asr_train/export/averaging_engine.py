@@ -21,7 +21,7 @@ resident set until the end, but they are clean page cache that the kernel
 reclaims under pressure: 5 base-size inputs average in the same time under a
 memory limit of 2.5x one model's weights as with no limit (benchmarks/averaging.py).
 
-The result is a training checkpoint (SPEC section 8): averaged ``state_dict``
+The result is a training checkpoint (docs/formats.md section 8): averaged ``state_dict``
 and ``ema_state_dict`` (the averaged raw weights again when some input has no
 EMA), ``optimizer`` None, ``epoch``, ``step`` and ``best_wer`` of the newest
 input, ``tokenizer_kw`` of the first, ``logmel_norm_weight`` (all inputs must
@@ -116,7 +116,7 @@ def average_checkpoints(
         log: receives one line per input (step, WER, weight) and notes.
 
     Returns:
-        A SPEC section 8 checkpoint dict with an extra ``averaging`` key.
+        A docs/formats.md section 8 checkpoint dict with an extra ``averaging`` key.
 
     Raises:
         CheckpointError: an unreadable input, a hardware checkpoint, a missing
@@ -230,7 +230,7 @@ def _open_inputs(paths: list[Path]) -> list[_Input]:
         for key in REQUIRED_KEYS:
             if key not in item.ckpt:
                 raise CheckpointError(
-                    f"{path}: key '{key}' is missing; average training checkpoints saved by train.py (SPEC s.8)"
+                    f"{path}: key '{key}' is missing; average training checkpoints saved by train.py (docs/formats.md section 8)"
                 )
         inputs.append(item)
     return inputs

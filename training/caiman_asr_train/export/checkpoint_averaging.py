@@ -24,7 +24,7 @@ mean sharded checkpoints. Selection and weighting are the same for both
 ``--top_n`` by dev WER, ``--last_n``, ``--weights``, otherwise inverse-WER.
 
 Outputs for single files (written atomically). ``--output_path``: a training
-checkpoint (SPEC section 8) that records the newest input's config, like the
+checkpoint (docs/formats.md section 8) that records the newest input's config, like the
 inputs train.py wrote. ``--output_hw``: a hardware checkpoint made from it by
 ``create_hardware_ckpt`` with that config (``--model_config`` for older
 checkpoints that record none). ``--output_hw``

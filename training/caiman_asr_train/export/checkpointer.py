@@ -1,4 +1,4 @@
-"""Save, find and load training checkpoints (SPEC section 8).
+"""Save, find and load training checkpoints (docs/formats.md section 8).
 
 Files in ``save_dir``:
 
@@ -7,7 +7,7 @@ Files in ``save_dir``:
     {model_name}_last_checkpoint.pt      is_last=True (end of training)
 
 Each is a plain dict of tensors and built-in types pickled with protocol 2, so
-``torch.load(..., weights_only=True)`` reads it. Besides the SPEC keys
+``torch.load(..., weights_only=True)`` reads it. Besides the documented keys
 (``TRAINING_CHECKPOINT_KEYS``) a checkpoint describes its own model:
 
     model_config   dict   ``dataclasses.asdict(ConfigRNNT)`` of the model (its shape)
@@ -63,7 +63,7 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-# SPEC section 8: every training checkpoint has these keys (more may follow).
+# docs/formats.md section 8: every training checkpoint has these keys (more may follow).
 TRAINING_CHECKPOINT_KEYS = (
     "epoch",
     "step",
@@ -167,7 +167,7 @@ def check_training_checkpoint(ckpt: Any, source: str) -> None:
 
 
 def is_training_checkpoint(ckpt: Any) -> bool:
-    """True for a training checkpoint's dict: every SPEC section 8 key, weights as dicts of tensors."""
+    """True for a training checkpoint's dict: every docs/formats.md section 8 key, weights as dicts of tensors."""
     try:
         check_training_checkpoint(ckpt, "checkpoint")
     except CheckpointError:
@@ -467,7 +467,7 @@ def training_checkpoint(
 ) -> dict:
     """The training-checkpoint dict, the one place its layout is written.
 
-    Keys: SPEC section 8 (epoch, step, best_wer [fraction], state_dict,
+    Keys: docs/formats.md section 8 (epoch, step, best_wer [fraction], state_dict,
     ema_state_dict, optimizer, tokenizer_kw, logmel_norm_weight); the
     self-description of the module docstring (``model_config`` from the model's
     ``ConfigRNNT`` when it has one, ``config``, ``asset_sha256``,

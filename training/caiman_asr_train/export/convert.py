@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 SERVERS = ("myrtle-fpga", "onnxruntime", "sherpa-onnx", "triton")
-# The FPGA server takes float32 weights only (SPEC section 13).
+# The FPGA server takes float32 weights only (docs/formats.md section 13).
 QUANTIZABLE = ("onnxruntime", "sherpa-onnx", "triton")
 SELECTIONS = ("best", "last", "all")
 MANIFEST_NAME = "manifest.json"

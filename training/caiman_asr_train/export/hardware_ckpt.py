@@ -1,4 +1,4 @@
-"""Build hardware checkpoints (``*.hw.pt``) for the FPGA inference server (SPEC section 9).
+"""Build hardware checkpoints (``*.hw.pt``) for the FPGA inference server (docs/formats.md section 9).
 
 A hardware checkpoint is a plain dict pickled with protocol 2:
 
@@ -16,7 +16,7 @@ A hardware checkpoint is a plain dict pickled with protocol 2:
 The config is the one the training checkpoint recorded (``config`` key, see
 ``export/checkpointer.py``) unless one is given; checkpoints written before
 that key existed need it given. Every refusal raises ``HardwareCheckpointError``
-before anything is written: besides the SPEC refusals, non-finite weights
+before anything is written: besides the documented refusals, non-finite weights
 (naming the tensor), weights that do not fit the config (whatever
 ``skip_state_dict_check`` says), and a SentencePiece model or statistics file
 whose bytes differ from the hash the training run recorded (unless
@@ -467,7 +467,9 @@ def hardware_ckpt_with_weights(hw: Mapping, state_dict: Mapping[str, torch.Tenso
         )
     unknown = [key for key in fields if key not in hw]
     if unknown:
-        raise HardwareCheckpointError(f"'{unknown[0]}' is not a hardware checkpoint key; see SPEC section 9")
+        raise HardwareCheckpointError(
+            f"'{unknown[0]}' is not a hardware checkpoint key; see docs/formats.md section 9"
+        )
     result = dict(hw)
     result["state_dict"] = OrderedDict((key, _own_storage(state_dict[key].to(own[key].dtype))) for key in own)
     result.update(fields)

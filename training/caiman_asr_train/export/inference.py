@@ -1,4 +1,4 @@
-"""One entry point that exports a checkpoint for every inference server (SPEC section 13).
+"""One entry point that exports a checkpoint for every inference server (docs/formats.md section 13).
 
     python -m caiman_asr_train.export.inference --ckpt results/RNN-T_best_checkpoint.hw.pt \\
         --target onnxruntime --output_dir exports/demo-onnxruntime \\

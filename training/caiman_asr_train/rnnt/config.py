@@ -1,4 +1,4 @@
-"""Read and validate YAML model configs (SPEC section 4).
+"""Read and validate YAML model configs (docs/formats.md section 4).
 
 ``load`` returns the config as plain dicts with relative paths resolved against
 the YAML file's directory; the accessors return validated pieces of it with

@@ -1,7 +1,7 @@
 """Word error rate of an ONNX Runtime bundle on manifests, torch-free (what ``val.py --ckpt BUNDLE_DIR`` runs).
 
 References are normalised and scored as for a hardware checkpoint, with the
-settings stored in the bundle's ``text`` section (SPEC section 10); the
+settings stored in the bundle's ``text`` section (docs/formats.md section 10); the
 result carries the same per-utterance predictions (``hyp``, ``ref``,
 ``fname``) that val.py writes.
 """

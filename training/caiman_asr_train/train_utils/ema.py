@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights (SPEC section 8)."""
+"""Exponential moving average of model weights (docs/formats.md section 8)."""
 
 import torch
 from torch import nn

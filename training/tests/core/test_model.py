@@ -1,4 +1,4 @@
-"""The model contract of SPEC section 5: names, order, shapes, initialisation, streaming."""
+"""The model contract of docs/formats.md section 5: names, order, shapes, initialisation, streaming."""
 
 import json
 import warnings

@@ -1,4 +1,4 @@
-"""Log-mel features, normalisation, splicing and augmentation follow SPEC section 6."""
+"""Log-mel features, normalisation, splicing and augmentation follow docs/formats.md section 6."""
 
 import math
 from pathlib import Path
@@ -26,7 +26,7 @@ from caiman_asr_train.data.features import (
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# The base config's block (SPEC section 4), dither off unless a test turns it on.
+# The base config's block (docs/formats.md section 4), dither off unless a test turns it on.
 BASE = {
     "normalize": "per_feature",
     "sample_rate": 16000,

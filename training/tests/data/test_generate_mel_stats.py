@@ -1,4 +1,4 @@
-"""Dataset mel statistics: float64 accumulation, file format, refusals (SPEC section 6)."""
+"""Dataset mel statistics: float64 accumulation, file format, refusals (docs/formats.md section 6)."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""KenLM n-grams: generate_ngram.sh, the binary magic header check, finding and reading (SPEC s.7).
+"""KenLM n-grams: generate_ngram.sh, the binary magic header check, finding and reading (docs/formats.md section 7).
 
 Uses the real KenLM tools: from PATH, else tools/kenlm/bin, else built once
 with scripts/build_kenlm.sh (test.sh builds them before pytest).

@@ -1,4 +1,4 @@
-"""Tokenizer: word-by-word SentencePiece encoding, sampling, <unk> policy, model loading (SPEC s.7)."""
+"""Tokenizer: word-by-word SentencePiece encoding, sampling, <unk> policy, model loading (docs/formats.md section 7)."""
 
 import pickle
 import random

@@ -2,7 +2,7 @@
 
 The models here have joint biases that force their output (always blank, or
 always one token), so the expected hypotheses follow from the frame counts of
-SPEC section 6 and the per-frame symbol cap.
+docs/formats.md section 6 and the per-frame symbol cap.
 """
 
 import math
@@ -98,7 +98,7 @@ def batches(corpus, batch_size: int) -> DataLoader:
 
 
 def encoder_frames(samples: int, final_padding_secs: float) -> int:
-    """Encoder frames of an utterance per SPEC section 6 (10 ms hop, splicing 3, stack time 2)."""
+    """Encoder frames of an utterance per docs/formats.md section 6 (10 ms hop, splicing 3, stack time 2)."""
     padded = samples + round(final_padding_secs * RATE) + int(RATE * (0.02 - 0.01))
     frames = 1 + (padded - 320) // 160
     return math.ceil(math.ceil(frames / 3) / STACK_TIME)

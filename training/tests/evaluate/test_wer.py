@@ -1,4 +1,4 @@
-"""word_error_rate and edit_distance: SPEC section 10."""
+"""word_error_rate and edit_distance: docs/formats.md section 10."""
 
 import math
 import random

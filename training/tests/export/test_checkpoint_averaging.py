@@ -220,7 +220,7 @@ def test_output_file_is_a_training_checkpoint_the_checkpointer_loads(tmp_path, a
 
 
 def write_raw(path: Path, state_dict: dict, ema: object = "same", step: int = 100, **extra) -> Path:
-    """A hand-made SPEC s.8 checkpoint (for cases train.py never writes)."""
+    """A hand-made docs/formats.md section 8 checkpoint (for cases train.py never writes)."""
     atomic_torch_save(
         {
             "epoch": 1,

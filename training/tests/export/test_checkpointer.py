@@ -1,4 +1,4 @@
-"""Training checkpoints: SPEC section 8 contents, crash safety, retention, resume and safe loading."""
+"""Training checkpoints: docs/formats.md section 8 contents, crash safety, retention, resume and safe loading."""
 
 import dataclasses
 import enum

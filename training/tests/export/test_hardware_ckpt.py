@@ -1,4 +1,4 @@
-"""Hardware checkpoints: SPEC section 9 layout, every refusal, n-gram options and the command line."""
+"""Hardware checkpoints: docs/formats.md section 9 layout, every refusal, n-gram options and the command line."""
 
 import io
 import subprocess

@@ -1,4 +1,4 @@
-"""prep_kenlm_data: manifest transcripts as SentencePiece piece lines for lmplz (SPEC s.7)."""
+"""prep_kenlm_data: manifest transcripts as SentencePiece piece lines for lmplz (docs/formats.md section 7)."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""YAML config loading and validation (SPEC section 4)."""
+"""YAML config loading and validation (docs/formats.md section 4)."""
 
 from pathlib import Path
 

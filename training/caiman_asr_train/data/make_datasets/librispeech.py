@@ -1,4 +1,4 @@
-"""Convert a LibriSpeech-layout directory into a JSON manifest (SPEC section 11).
+"""Convert a LibriSpeech-layout directory into a JSON manifest (docs/formats.md section 11).
 
 LibriSpeech stores each split as ``SPLIT/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac``
 with one ``SPEAKER-CHAPTER.trans.txt`` per chapter, whose lines are

@@ -1,4 +1,4 @@
-"""Train a SentencePiece unigram model on the transcripts of JSON manifests (SPEC section 7).
+"""Train a SentencePiece unigram model on the transcripts of JSON manifests (docs/formats.md section 7).
 
 Transcripts are normalised as the YAML's ``audio_dataset`` block asks
 (``normalize_transcripts``, ``replacements``, ``remove_tags``) and, given
@@ -179,7 +179,7 @@ def add_manifest_arguments(parser: argparse.ArgumentParser) -> None:
         "--manifests",
         nargs="+",
         required=True,
-        help="JSON manifests (SPEC section 11), relative to --dataset_dir when given",
+        help="JSON manifests (docs/formats.md section 11), relative to --dataset_dir when given",
     )
     parser.add_argument(
         "--dataset_dir",

@@ -10,7 +10,7 @@ a faint noise floor, resampled to 16 kHz mono and written as FLAC.
 
 Output (default ``datasets/demo`` at the repository root)::
 
-    train.json, dev.json        manifests (SPEC section 11), fnames relative to the output dir
+    train.json, dev.json        manifests (docs/formats.md section 11), fnames relative to the output dir
     audio/train/*.flac, audio/dev/*.flac
     corpus.json                 generation settings; "complete": true once finished
 

@@ -1,4 +1,4 @@
-"""spm_from_json: SentencePiece unigram models from manifest transcripts (SPEC s.7)."""
+"""spm_from_json: SentencePiece unigram models from manifest transcripts (docs/formats.md section 7)."""
 
 import string
 import subprocess
