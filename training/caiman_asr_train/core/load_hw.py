@@ -44,7 +44,7 @@ from caiman_asr_train.core.quantized import dequantize_checkpoint, is_quantized_
 PathLike = Union[str, Path]
 
 # The layout this package writes. Bump it on every layout change the inference
-# server must know about (docs/formats.md section 3); readers refuse newer minor versions.
+# server must know about (docs/formats.md section 9); readers refuse newer minor versions.
 HW_CKPT_VERSION = "1.15.0"
 # Layouts read without a warning: the upstream releases and ours.
 KNOWN_VERSIONS = ("1.10.0", "1.11.0", "1.12.0", "1.13.0", "1.14.0", HW_CKPT_VERSION)
