@@ -38,6 +38,13 @@ def test_recognizer_gives_the_pytorch_greedy_transcripts(bundle, speech):
     assert all(len(text) > 10 for text in got)  # the seeded model emits plenty
 
 
+def test_concurrent_streams_give_the_same_transcripts_as_one_at_a_time(bundle, speech):
+    recognizer = Recognizer(bundle.dir, num_threads=1)
+    one_at_a_time = [recognizer.transcribe(a) for a in speech.audio]
+    assert recognizer.transcribe_many(speech.audio, streams=3) == one_at_a_time
+    assert recognizer.transcribe_many(speech.audio[::-1], streams=2) == one_at_a_time[::-1]
+
+
 def test_streaming_in_small_pieces_equals_the_whole_utterance(bundle, speech):
     recognizer = Recognizer(bundle.dir, num_threads=1)
     audio = speech.audio[1]
