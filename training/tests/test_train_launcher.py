@@ -93,7 +93,13 @@ def test_second_sigint_exits_at_once_with_nothing_left_running(corpus, tmp_path)
     _wait_for_line(process, r"^step 2/", timeout=240)
     processes = _wait_for_ranks(process)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    # The second signal must come after the ranks handled the first (two
+    # signals that arrive before Python runs the handler count as one) and
+    # before they finish saving and exporting: send it as soon as rank 0 has
+    # logged the first.
+    deadline = time.monotonic() + 60
+    while "SIGINT received" not in (out / "train.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
     process.send_signal(signal.SIGINT)
     start = time.monotonic()
     _, stderr = process.communicate(timeout=60)
