@@ -4,7 +4,6 @@ measured on that speech, a seeded model and the hardware checkpoint made from th
 tests/runtime/conftest.py re-exports these fixtures.
 """
 
-import io
 import warnings
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ import yaml
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.features import FilterbankFeatures
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
+from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 from caiman_asr_train.recipes.demo_corpus.espeak import speaker_settings, synthesize
@@ -105,22 +105,8 @@ def tiny_hw(tmp_path_factory, speech) -> SimpleNamespace:
     """
     run = tmp_path_factory.mktemp("run")
     (run / "spm").mkdir()
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 8),
-        model_writer=buffer,
-        vocab_size=30,
-        model_type="unigram",
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-        num_threads=1,
-    )
-    (run / "spm/tiny.model").write_bytes(buffer.getvalue())
-    n_classes = spm.SentencePieceProcessor(model_proto=buffer.getvalue()).get_piece_size() + 1
+    model = train_sentencepiece(SENTENCES * 8, run / "spm" / "tiny", vocab_size=30)
+    n_classes = spm.SentencePieceProcessor(model_file=str(model)).get_piece_size() + 1
 
     front_end = FilterbankFeatures(**FEATURES)
     logmels = [

@@ -4,7 +4,6 @@ YAML config and a training checkpoint with Adam state, all written under tmp pat
 tests/core/conftest.py re-exports these fixtures for test_load_hw.py.
 """
 
-import io
 import shutil
 import subprocess
 import textwrap
@@ -12,9 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import sentencepiece as spm
 import torch
 
+from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.rnnt import config
@@ -38,23 +37,7 @@ SENTENCES = [
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> Path:
     """A real unigram SentencePiece model trained on SENTENCES (unk_id 0, no BOS/EOS)."""
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 4),
-        model_writer=buffer,
-        vocab_size=40,
-        model_type="unigram",
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-        num_threads=1,
-    )
-    path = tmp_path_factory.mktemp("spm") / "tiny.model"
-    path.write_bytes(buffer.getvalue())
-    return path
+    return train_sentencepiece(SENTENCES * 4, tmp_path_factory.mktemp("spm") / "tiny", vocab_size=40)
 
 
 @pytest.fixture(scope="session")
