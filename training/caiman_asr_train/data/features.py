@@ -200,6 +200,7 @@ class FeaturePipeline(InferenceFrontEnd):
     Args:
         filterbank_features, frame_splicing, melmeans, melvars: as for ``InferenceFrontEnd``.
         spec_augment: the config's ``spec_augment`` block, or None.
+        compute_dtype: the filterbank's arithmetic (float32 for training).
     """
 
     def __init__(
@@ -209,8 +210,9 @@ class FeaturePipeline(InferenceFrontEnd):
         melmeans: torch.Tensor,
         melvars: torch.Tensor,
         spec_augment: Optional[dict] = None,
+        compute_dtype: torch.dtype = torch.float64,
     ) -> None:
-        super().__init__(filterbank_features, frame_splicing, melmeans, melvars)
+        super().__init__(filterbank_features, frame_splicing, melmeans, melvars, compute_dtype)
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else None
 
     def _augment(

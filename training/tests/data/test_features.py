@@ -98,6 +98,37 @@ def test_speech_normalised_per_utterance_matches_independent_dali_window_referen
     assert (symmetric[0] - expected).abs().max() > 1e-2
 
 
+def test_float32_training_front_end_stays_near_the_float64_one(reference):
+    """Training computes the filterbank in float32; validation and export keep float64."""
+    speech = torch.from_numpy(reference["speech"].astype(np.float32) / 32768)[None]
+    lens = torch.tensor([speech.shape[1]])
+    exact = FilterbankFeatures(**BASE)
+    fast = FilterbankFeatures(**BASE, compute_dtype=torch.float32)
+    assert exact.fbanks.dtype == exact.window.dtype == torch.float64
+    assert fast.fbanks.dtype == fast.window.dtype == torch.float32
+    exact_logmel, exact_lens = exact(speech, lens)
+    fast_logmel, fast_lens = fast(speech, lens)
+    assert torch.equal(exact_lens, fast_lens) and fast_logmel.dtype == torch.float32
+    # float32 rounding only: far below a log-mel's natural variation, but not bit-equal
+    difference = (fast_logmel - exact_logmel).abs().max()
+    assert 0 < difference < 1e-2
+    with pytest.raises(ValueError, match="compute_dtype"):
+        FilterbankFeatures(**BASE, compute_dtype=torch.float16)
+
+
+def test_pipelines_of_a_config_train_in_float32_and_validate_in_float64(tmp_path):
+    from caiman_asr_train.data.generate_mel_stats import save_mel_stats
+    from caiman_asr_train.rnnt import config
+    from caiman_asr_train.train_utils.builders import build_pipeline
+
+    save_mel_stats(tmp_path, torch.zeros(80, dtype=torch.float64), torch.ones(80, dtype=torch.float64), 10)
+    cfg = config.load(Path(__file__).parents[2] / "configs" / "demo.yaml")
+    for split in ("train", "val"):
+        cfg[f"input_{split}"]["filterbank_features"]["stats_path"] = str(tmp_path)
+    assert build_pipeline(cfg, "train").filterbank.compute_dtype == torch.float32
+    assert build_pipeline(cfg, "val").filterbank.compute_dtype == torch.float64
+
+
 def test_initial_padding_prepends_the_servers_zeros(reference):
     speech = torch.from_numpy(reference["speech"].astype(np.float32) / 32768)[None]
     lens = torch.tensor([speech.shape[1]])
