@@ -33,7 +33,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -82,6 +81,7 @@ from caiman_asr_train.train_utils.signals import PreemptionHandler
 from caiman_asr_train.train_utils.validation import Validator
 from caiman_asr_train.utils.atomic import atomic_write
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.cores import available_cores
 from caiman_asr_train.utils.paths import REPO_ROOT
 
 MODEL_NAME = "RNN-T"
@@ -90,7 +90,7 @@ MODEL_NAME = "RNN-T"
 # Default paths are relative to the repository, so ./train.sh works from any directory.
 def set_cpu_threads(args: argparse.Namespace, info: dist_utils.DistInfo) -> None:
     """Torch threads of a CPU training process: --cpu_threads, else the cores shared out over processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     # Leave a core to each loader worker: OpenMP threads that share
     # cores with other busy processes wait for each other at every op.
     torch.set_num_threads(args.cpu_threads or max(1, cores // info.local_world_size - args.num_workers))

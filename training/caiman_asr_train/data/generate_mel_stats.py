@@ -14,8 +14,9 @@ float64; the variance is the population variance.
 """
 
 import argparse
+import multiprocessing
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -27,8 +28,14 @@ from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.cores import available_cores
 
 PathLike = Union[str, Path]
+
+
+# Entries per task of the worker pool: small enough for a smooth progress bar,
+# large enough that the pickling of results costs nothing.
+_CHUNK = 64
 
 
 def compute_mel_stats(
@@ -36,6 +43,7 @@ def compute_mel_stats(
     dataset_dir: PathLike,
     filterbank_features: dict,
     progress: bool = True,
+    workers: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-bin mean and population variance of the log-mels of every entry's audio.
 
@@ -43,44 +51,96 @@ def compute_mel_stats(
     at the filterbank's sample rate and featurised alone with dither 0.
     Per-utterance means and sums of squared deviations are merged in float64
     (Chan et al.), which stays exact for constant data, so a zero variance is
-    caught.
+    caught. Chunks of ``_CHUNK`` entries are processed by ``workers`` processes
+    and merged in manifest order, so the result does not depend on ``workers``.
 
     Args:
         manifest_entries: manifest entries (docs/formats.md section 11).
         dataset_dir: directory the entries' ``fname`` values are relative to.
         filterbank_features: the config's ``filterbank_features`` block.
         progress: show a tqdm progress bar.
+        workers: processes (default: the CPU cores this process may use).
     Returns:
         means float64 [n_filt], variances float64 [n_filt], frame count.
     Raises:
         DataError when there are no frames, or a bin's variance is not > 0.
     """
-    filterbank = FilterbankFeatures(**{**filterbank_features, "dither": 0.0})
-    count = 0
-    mean = torch.zeros(filterbank.n_filt, dtype=torch.float64)
-    sq_dev = torch.zeros(filterbank.n_filt, dtype=torch.float64)
-    for entry in tqdm(manifest_entries, desc="mel statistics", unit="file", disable=not progress):
-        audio = torch.from_numpy(load_audio(audio_path(entry, dataset_dir), filterbank.sample_rate))
-        logmel, lens = filterbank(audio[None], torch.tensor([audio.numel()]))
-        frames = logmel[0, :, : int(lens[0])].to(torch.float64)  # [n_filt, T]
-        n = frames.shape[1]
-        if n == 0:
-            continue
-        utt_mean = frames.mean(dim=1)
-        utt_sq_dev = (frames - utt_mean[:, None]).square().sum(dim=1)
-        total = count + n
-        delta = utt_mean - mean
-        mean = mean + delta * (n / total)
-        sq_dev = sq_dev + utt_sq_dev + delta.square() * (count * n / total)
-        count = total
-    if count == 0:
+    features = {**filterbank_features, "dither": 0.0}
+    n_filt = int(features["n_filt"])
+    chunks = [
+        (manifest_entries[i : i + _CHUNK], str(dataset_dir), features)
+        for i in range(0, len(manifest_entries), _CHUNK)
+    ]
+    total = _Moments(0, torch.zeros(n_filt, dtype=torch.float64), torch.zeros(n_filt, dtype=torch.float64))
+    with tqdm(total=len(manifest_entries), desc="mel statistics", unit="file", disable=not progress) as bar:
+        for done, part in _map_chunks(chunks, workers or available_cores()):
+            total = total.merge(part)
+            bar.update(done)
+    if total.count == 0:
         raise DataError(
             f"no feature frames in {len(manifest_entries)} manifest entries under {dataset_dir}; "
             "check the manifests (every utterance is shorter than one frame)"
         )
-    variances = sq_dev / count
-    _check_variances(variances, f"{count} frames of {len(manifest_entries)} files")
-    return mean, variances, count
+    variances = total.sq_dev / total.count
+    _check_variances(variances, f"{total.count} frames of {len(manifest_entries)} files")
+    return total.mean, variances, total.count
+
+
+class _Moments(NamedTuple):
+    """Frame count, per-bin mean and sum of squared deviations of a set of frames."""
+
+    count: int
+    mean: torch.Tensor
+    sq_dev: torch.Tensor
+
+    def merge(self, other: "_Moments") -> "_Moments":
+        """The moments of both sets together (Chan et al.'s pairwise update)."""
+        if other.count == 0:
+            return self
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        return _Moments(
+            total,
+            self.mean + delta * (other.count / total),
+            self.sq_dev + other.sq_dev + delta.square() * (self.count * other.count / total),
+        )
+
+
+def _chunk_moments(task: tuple) -> tuple[int, _Moments]:
+    """Pool worker: the moments of one chunk of entries, and how many entries it held."""
+    entries, dataset_dir, features = task
+    # One utterance's features are too small a job for intra-op threads: with
+    # several, a busy 2-core machine runs them ~10x slower.
+    torch.set_num_threads(1)
+    filterbank = FilterbankFeatures(**features)
+    n_filt = filterbank.n_filt
+    moments = _Moments(0, torch.zeros(n_filt, dtype=torch.float64), torch.zeros(n_filt, dtype=torch.float64))
+    for entry in entries:
+        audio = torch.from_numpy(load_audio(audio_path(entry, dataset_dir), filterbank.sample_rate))
+        logmel, lens = filterbank(audio[None], torch.tensor([audio.numel()]))
+        frames = logmel[0, :, : int(lens[0])].to(torch.float64)  # [n_filt, T]
+        if frames.shape[1] == 0:
+            continue
+        utt_mean = frames.mean(dim=1)
+        utt = _Moments(frames.shape[1], utt_mean, (frames - utt_mean[:, None]).square().sum(dim=1))
+        moments = moments.merge(utt)
+    return len(entries), moments
+
+
+def _map_chunks(chunks: list[tuple], workers: int) -> Iterator[tuple[int, _Moments]]:
+    """``_chunk_moments`` of every chunk, in order; in a pool of ``workers`` processes when > 1."""
+    if workers <= 1 or len(chunks) < 2:
+        threads = torch.get_num_threads()
+        try:
+            yield from map(_chunk_moments, chunks)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    # fork: workers inherit the imported modules instead of re-importing torch.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with context.Pool(min(workers, len(chunks))) as pool:
+        yield from pool.imap(_chunk_moments, chunks)
 
 
 def _check_variances(variances: torch.Tensor, source: str) -> None:

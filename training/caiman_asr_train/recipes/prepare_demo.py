@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import torch
-
 from caiman_asr_train.core.errors import DataError, TokenizerError, UserError
 from caiman_asr_train.core.features import FRONT_END_VERSION, load_mel_stats
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
@@ -181,14 +179,7 @@ def prepare_demo(
 
     def make_stats() -> None:
         entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
-        # One utterance's features are too small a job for intra-op threads:
-        # with several, a busy 2-core machine runs them ~10x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
+        means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
         save_mel_stats(stats_dir, means, variances, frames)
 
     phase(

@@ -97,6 +97,26 @@ def test_stats_of_tiny_manifest_equal_direct_float64_computation(corpus):
     assert torch.allclose(variances, expected_vars, rtol=1e-9, atol=1e-10)
 
 
+def test_stats_from_a_worker_pool_equal_one_process_bit_for_bit(tmp_path, monkeypatch):
+    """Chunks are merged in manifest order, so the workers' count cannot change a bit."""
+    import caiman_asr_train.data.generate_mel_stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_CHUNK", 2)  # 7 entries: 4 chunks, the last one short
+    rng = np.random.default_rng(1)
+    waves = [
+        (f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 900 * i)).astype(np.float32), 16000) for i in range(7)
+    ]
+    root = tmp_path / "dataset"
+    entries = _write_corpus(root, waves)
+    one = compute_mel_stats(entries, root, FEATURES, progress=False, workers=1)
+    pooled = compute_mel_stats(entries, root, FEATURES, progress=False, workers=2)
+    expected_means, expected_vars, expected_n = _direct_stats(root, entries)
+    assert one[2] == pooled[2] == expected_n
+    assert torch.equal(one[0], pooled[0]) and torch.equal(one[1], pooled[1])
+    assert torch.allclose(pooled[0], expected_means, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(pooled[1], expected_vars, rtol=1e-9, atol=1e-10)
+
+
 def test_stats_files_load_with_weights_only(corpus, tmp_path):
     root, entries = corpus
     means, variances, n = compute_mel_stats(entries, root, FEATURES, progress=False)

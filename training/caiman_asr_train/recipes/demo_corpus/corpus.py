@@ -43,6 +43,7 @@ from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_
 from caiman_asr_train.recipes.demo_corpus.espeak import SAMPLE_RATE, speaker_settings, synthesize
 from caiman_asr_train.recipes.demo_corpus.grammar import data_files_sha256, make_sentences
 from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.cores import available_cores
 from caiman_asr_train.utils.paths import REPO_ROOT
 
 PathLike = Union[str, os.PathLike]
@@ -134,13 +135,6 @@ def _run_tasks(tasks: list[tuple], workers: int, progress: bool) -> Iterator[tup
                 yield result
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def make_demo_corpus(
     output_dir: Optional[PathLike] = None,
     seed: int = 0,
@@ -159,7 +153,7 @@ def make_demo_corpus(
             eSpeak NG is unavailable.
     """
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir()
-    workers = workers if workers is not None else _default_workers()
+    workers = workers if workers is not None else available_cores()
     settings = {
         "generator_version": GENERATOR_VERSION,
         "grammar_data_sha256": data_files_sha256(),
