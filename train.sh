@@ -31,10 +31,6 @@ DEMO_ARGS=(
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 started=$SECONDS
 
-source "$root/scripts/bootstrap.sh"
-caiman_bootstrap
-setup_s=$((SECONDS - started))
-
 demo=1
 help=0
 for arg in "$@"; do
@@ -43,6 +39,20 @@ for arg in "$@"; do
         -h|--help) help=1 ;;
     esac
 done
+
+source "$root/scripts/bootstrap.sh"
+source "$root/scripts/background.sh"
+if [ "$demo" = 1 ] && [ "$help" = 0 ]; then
+    # The demo's n-gram needs KenLM's tools: compile them (C++, both cores)
+    # while pip installs the packages (mostly waiting on downloads and disk).
+    # prepare_demo.sh waits for this build before it makes the n-gram.
+    caiman_on_venv() { caiman_background "$root/scripts/build_kenlm.sh"; }
+fi
+# Training needs the core package and the KenLM module (beam search); the
+# deployment and test tools come with ./test.sh.
+caiman_bootstrap lm
+setup_s=$((SECONDS - started))
+
 if [ "$help" = 1 ]; then
     # The help shows the values a run with these arguments uses: the demo's unless --model_config is given.
     if [ "$demo" = 1 ]; then
@@ -67,6 +77,7 @@ fi
 # OpenMP threads that busy-wait stall badly when another process shares the
 # cores (a DataLoader worker, a second job); passive waiting costs nothing here.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+caiman_background_wait
 echo "[train.sh] set-up ${setup_s} s, demo data ${data_s} s; training starts"
 # exec: train.py (and its launcher, which forwards SIGTERM/SIGINT to every
 # rank) takes this process's place, so a signal to train.sh reaches training

@@ -5,5 +5,6 @@
 #   ./val.sh --ckpt results/RNN-T_best_checkpoint.hw.pt
 set -euo pipefail
 source "$(dirname "$0")/scripts/bootstrap.sh"
-caiman_bootstrap
+# The KenLM module (beam search with the n-gram) and the ONNX runtimes (inference bundles).
+caiman_bootstrap lm,deploy
 exec "$PY" -m caiman_asr_train.val "$@"

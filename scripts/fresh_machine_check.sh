@@ -80,6 +80,7 @@ phase() {
     local started=$SECONDS status=0
     (cd "$clone" && "$@") >"$logs/$log" 2>&1 || status=$?
     local secs=$((SECONDS - started))
+    last_secs=$secs
     report+=("$(printf '%-28s %5d s  exit %d  (log: %s)' "$name" "$secs" "$status" "$logs/$log")")
     if [ "$status" != 0 ]; then
         failed=1
@@ -92,13 +93,21 @@ phase() {
 machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -sm)"
 cpu="$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 started=$SECONDS
+last_secs=0
 if phase "train.sh (all phases)" train.log ./train.sh; then
+    train_secs=$last_secs
     # train.sh prints its own split of the time before training starts;
     # training and export are the rest of its phase.
     split="$(grep -h '^\[train.sh\]\|^\[build_kenlm\] built\|^\[prepare_demo\] done' "$logs/train.log" || true)"
     while IFS= read -r line; do
         [ -n "$line" ] && report+=("  $line")
     done <<<"$split"
+    # Training and export: the phase's time less what train.sh spent before training.
+    before="$(sed -n 's/^\[train.sh\] set-up \([0-9]*\) s, demo data \([0-9]*\) s.*/\1 \2/p' "$logs/train.log" | tail -n 1)"
+    if [ -n "$before" ]; then
+        read -r setup_s data_s <<<"$before"
+        report+=("  training and export: $((train_secs - setup_s - data_s)) s")
+    fi
     phase "val.sh (held-out WER)" val.log ./val.sh --ckpt results/RNN-T_best_checkpoint.hw.pt || true
     # A second ./train.sh in the finished checkout: the time until train.py
     # runs (it then refuses the used results/ directory at once).

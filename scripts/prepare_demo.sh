@@ -7,9 +7,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/bootstrap.sh"
-caiman_bootstrap
-started=$SECONDS
-"$root/scripts/build_kenlm.sh"
-echo "[prepare_demo] kenlm tools: ready ($((SECONDS - started)) s)"
+source "$root/scripts/background.sh"
+caiman_bootstrap lm
 export PATH="$root/tools/kenlm/bin:$PATH"
-exec "$PY" -m caiman_asr_train.recipes.prepare_demo "$@"
+# KenLM's tools are needed only by the last phase (the n-gram): compile them in
+# the background while the corpus is synthesised. The n-gram phase runs
+# build_kenlm.sh itself, which waits for this build (a lock) and then finds
+# the tools; a quiet no-op when they are already built.
+caiman_background "$root/scripts/build_kenlm.sh"
+"$PY" -m caiman_asr_train.recipes.prepare_demo "$@"
+caiman_background_wait
