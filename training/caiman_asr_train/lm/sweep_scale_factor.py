@@ -27,8 +27,8 @@ from caiman_asr_train.evaluate.evaluator import featurize
 from caiman_asr_train.evaluate.validation_args import add_validation_args
 from caiman_asr_train.evaluate.wer import word_error_rate
 from caiman_asr_train.export.hardware_ckpt import save_hardware_ckpt
+from caiman_asr_train.train_utils.checkpoints import Validatable, decoder_for, dev_loader, load_for_validation
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.val import Validatable, decoder_for, dev_loader, load_for_validation
 
 DEFAULT_SCALE_FACTORS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 

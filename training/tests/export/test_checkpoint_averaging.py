@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from caiman_asr_train import val
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
@@ -22,6 +21,7 @@ from caiman_asr_train.export.checkpointer import Checkpointer, asset_sha256, rea
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
+from caiman_asr_train.train_utils.checkpoints import load_for_validation
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
 
@@ -472,7 +472,7 @@ def test_an_average_of_self_describing_checkpoints_exports_and_validates_without
     assert read_checkpoint(avg)["asset_sha256"] == hashes
     assert_weights_equal(load_hw_checkpoint(avg_hw).model.state_dict(), expected)
     # val.py reads the average's recorded config: no --model_config.
-    target = val.load_for_validation(avg, None, torch.device("cpu"))
+    target = load_for_validation(avg, None, torch.device("cpu"))
     assert target.kind == "training" and target.step == 200
     assert_weights_equal(target.model.state_dict(), expected)
 

@@ -25,7 +25,7 @@ from caiman_asr_train.evaluate.decoding import add_decoder_args, build_decoder, 
 from caiman_asr_train.evaluate.evaluator import evaluate
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, save_hardware_ckpt
 from caiman_asr_train.lm import sweep_scale_factor
-from caiman_asr_train.val import load_for_validation
+from caiman_asr_train.train_utils.checkpoints import load_for_validation
 
 pytestmark = pytest.mark.filterwarnings("ignore:the EMA weights match no FPGA")
 
