@@ -32,7 +32,7 @@ from caiman_asr_train.data.dataset import AudioDataset, collate
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
 from caiman_asr_train.evaluate.evaluator import evaluate, featurize
-from caiman_asr_train.val import load_for_validation
+from caiman_asr_train.train_utils.checkpoints import load_for_validation
 
 REPO = Path(__file__).resolve().parents[1]
 
