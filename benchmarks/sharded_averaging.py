@@ -2,30 +2,35 @@
 
 Usage (from the repository root):
 
-    .venv/bin/python benchmarks/sharded_averaging.py              # zarr and dcp, N = 2 and 5
+    .venv/bin/python benchmarks/sharded_averaging.py              # zarr and dcp, N = 2 and 5, warm and cold
 
 Writes 5 sharded checkpoints of the base FPGA model (training/configs/base-8703sp.yaml,
 n_classes 8704, 84.7M parameters, bfloat16 as Megatron trains it) in each layout, with the
 real libraries: zarr arrays through tensorstore with Megatron's ``.zarray`` fields, every
 2-D tensor split in two chunks along its rows as a 2-way tensor-parallel run writes it;
-DCP directories through ``torch.distributed.checkpoint.save``. Then averages the first N
-(N = 2 and 5) in a fresh Python process each time and prints:
+DCP directories through ``torch.distributed.checkpoint.save`` (one chunk per tensor). Then
+averages the first N (N = 2 and 5) in a fresh Python process each time and prints:
 
-    memory ratio = (peak RSS while averaging - RSS just before) / the largest chunk's bytes
-                   (zarr: the largest chunk file; DCP, which is averaged a tensor at a time: the
-                   largest tensor); target <= 4, the same for every N. The RSS before the
-                   averaging is the interpreter's baseline, taken after a warm-up average of two
-                   tiny checkpoints (libraries imported and initialised).
-    time ratio   = averaging time / (N x time to read one checkpoint with the same library);
-                   target <= 1.5. Both come from the page cache: every input is read once before
-                   the timings, and the read is the best of 3 just before each averaging run. The
-                   averaging time includes writing the output and syncing it to disk (its
-                   atomicity needs that), which a read does not do: the last column divides it
-                   by N reads plus the time to copy one checkpoint and sync the copy, the least
-                   that reading N checkpoints and writing one durably takes on this disk.
+    memory ratio = (peak RSS while averaging - RSS just before) / the largest stored chunk's bytes
+                   (zarr: the largest chunk file; DCP: the largest stored tensor); target <= 4, the
+                   same for every N. The RSS before the averaging is the interpreter's baseline,
+                   taken after a warm-up average of two tiny checkpoints (libraries imported and
+                   initialised).
+    time ratio   = averaging time / (N x the time to read one checkpoint); target <= 1.5. The read
+                   uses the reader the averaging uses: every stored chunk's elements read with
+                   ``os.preadv`` into a buffer of its own (zarr: the raw chunk files; DCP: the
+                   elements ``sharded_distcp.locate`` finds in the ``.distcp`` items). Both are
+                   measured from the same page-cache state:
+                   warm: every input is in the page cache (read just before; the read is the best of 3);
+                   cold: the inputs are evicted from the page cache (``posix_fadvise(DONTNEED)`` on
+                   every file; they were synced when written) before the read and before the averaging.
+                   The averaging time includes writing the output and syncing it to disk (its
+                   atomicity needs that), which a read does not do: the last column divides it by N
+                   reads plus the time to copy one checkpoint and sync the copy, the least that
+                   reading N checkpoints and writing one durably takes on this disk.
 
 The machine may be shared: times vary with the load (printed beside each row, the 1-minute
-load average), ratios less so; ``--repeats`` runs each average several times. Every file is
+load average, and the averaging process's CPU seconds, user and system, all threads), ratios less so; ``--repeats`` runs each average several times. Every file is
 written in a temporary directory (``--work_dir``) that is deleted at the end.
 """
 
@@ -42,6 +47,7 @@ import warnings
 from pathlib import Path
 
 import ml_dtypes
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,36 +138,74 @@ def make_checkpoints(root: Path, fmt: str, count: int) -> tuple[list[Path], int]
 
 
 def read_one(path: Path, fmt: str) -> float:
-    """Seconds to read every tensor of one checkpoint with the library that wrote it."""
+    """Seconds to read every stored chunk of one checkpoint's tensors with the averaging's reader."""
     start = time.perf_counter()
-    if fmt == "zarr":
-        import tensorstore as ts
-
-        for array in sorted(p for p in path.iterdir() if (p / ".zarray").is_file()):
-            ts.open(
-                {"driver": "zarr", "kvstore": {"driver": "file", "path": str(array)}}
-            ).result().read().result()
-    else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from caiman_asr_train.export.sharded_dcp import SafeFileSystemReader, read_metadata
-
-        md = read_metadata(path).state_dict_metadata
-        state = {
-            k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for k, m in md.items()
-            if isinstance(m, TensorStorageMetadata)
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    for file, offset, nbytes in stored_chunks(path, fmt):
+        buffer = np.empty(nbytes, np.uint8)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            if os.preadv(fd, [buffer], offset) != nbytes:
+                raise EOFError(file)
+        finally:
+            os.close(fd)
     return time.perf_counter() - start
 
 
-def write_one(path: Path, root: Path) -> float:
-    """Seconds to write a copy of one checkpoint's files and sync them to disk (as the averaged output is)."""
-    copy = root / "write-copy"
+def stored_chunks(path: Path, fmt: str) -> list[tuple[Path, int, int]]:
+    """Every stored chunk of the checkpoint's tensors: its file, the offset of its elements and their bytes.
+
+    Found as the averaging finds them: zarr chunk files are the chunk's raw bytes; a DCP item's
+    elements are located in its ``torch.save`` archive (this is part of the timed read).
+    """
+    if fmt == "zarr":
+        from caiman_asr_train.export.sharded_zarr import chunk_keys
+
+        chunks = []
+        for array in sorted(p for p in path.iterdir() if (p / ".zarray").is_file()):
+            meta = json.loads((array / ".zarray").read_text())
+            itemsize = 2 if meta["dtype"] == "bfloat16" else np.dtype(meta["dtype"]).itemsize
+            for name, _ in chunk_keys(meta):
+                chunks.append((array / name, 0, math.prod(meta["chunks"]) * itemsize))
+        return chunks
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from caiman_asr_train.export.sharded_dcp import read_metadata
+    from caiman_asr_train.export.sharded_distcp import locate
+
+    metadata = read_metadata(path)
+    sizes = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            for chunk in md.chunks:
+                sizes[key, tuple(chunk.offsets)] = (tuple(chunk.sizes), md.properties.dtype)
+    chunks = []
+    for index, info in metadata.storage_data.items():
+        if index.offset is None:
+            continue
+        shape, dtype = sizes[index.fqn, tuple(index.offset)]
+        chunk = locate(path, index.fqn, info, tuple(index.offset), shape, dtype)
+        chunks.append((chunk.path, chunk.data_offset, math.prod(shape) * dtype.itemsize))
+    return chunks
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop every file of ``paths`` from the page cache (synced first: only clean pages can be dropped)."""
+    for path in paths:
+        for directory, _, files in os.walk(path):
+            for name in files:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def copy_one(path: Path, root: Path, evict_first: bool) -> float:
+    """Seconds to copy one checkpoint's files and sync the copy to disk (as the averaged output is synced)."""
+    if evict_first:
+        evict([path])
+    copy = root / "synced-copy"
     start = time.perf_counter()
     shutil.copytree(path, copy)
     for directory, _, files in os.walk(copy):
@@ -193,13 +237,16 @@ def worker(output: str, paths: list[str]) -> None:
         average_sharded(tiny, Path(tmp) / "out", log=lambda line: None)
     reset = reset_peak()
     before = status_kb("VmRSS")
+    cpu = time.process_time()
     start = time.perf_counter()
     average_sharded(paths, output, log=lambda line: None)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     print(
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu_seconds": cpu,
                 "increase_bytes": (status_kb("VmHWM") - before) * 1024,
                 "baseline_bytes": before * 1024,
                 "hwm_reset": reset,
@@ -222,7 +269,17 @@ def main() -> None:
         "--counts", type=int, nargs="+", default=[2, 5], help="numbers of checkpoints to average"
     )
     parser.add_argument(
-        "--repeats", type=int, default=1, help="averaging runs per N (each against its own read timing)"
+        "--caches",
+        nargs="+",
+        default=["warm", "cold"],
+        choices=["warm", "cold"],
+        help="page-cache states to measure from (module docstring)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="averaging runs per N and cache state (each against its own read)",
     )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,33 +291,41 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="sharded-averaging-bench-") as tmp:
             root = Path(tmp)
             paths, largest = make_checkpoints(root, fmt, max(args.counts))
-            for path in paths:  # into the page cache, where the read timings find them too
-                read_one(path, fmt)
+            evict(paths)  # synced once here; eviction later only drops clean pages
             print(
-                f"  {'N':>2} {'read s':>6} {'average s':>9} {'time ratio':>10} {'RSS increase':>13} "
-                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5} {'write s':>7} {'/ (N reads + write)':>19}"
+                f"  {'N':>2} {'cache':>5} {'read s':>6} {'average s':>9} {'time ratio':>10} {'RSS increase':>13} "
+                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5} {'cpu s':>5} {'copy s':>6} {'/ (N reads + copy)':>18}"
             )
-            for n in args.counts:
-                for _ in range(args.repeats):
-                    read = min(read_one(paths[0], fmt) for _ in range(3))
-                    write = write_one(paths[0], root)
-                    output = root / f"averaged-{n}"
-                    result = subprocess.run(
-                        [sys.executable, __file__, "--worker", str(output), *map(str, paths[:n])],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
-                    r = json.loads(result.stdout.strip().splitlines()[-1])
-                    shutil.rmtree(output)
-                    print(
-                        f"  {n:>2} {read:>6.3f} {r['seconds']:>9.3f} {r['seconds'] / (n * read):>10.2f} "
-                        f"{r['increase_bytes'] / 1e6:>10.1f} MB {r['increase_bytes'] / largest:>15.2f} "
-                        f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f} {write:>7.3f} "
-                        f"{r['seconds'] / (n * read + write):>19.2f}"
-                        + ("" if r["hwm_reset"] else "  (VmHWM not resettable)"),
-                        flush=True,
-                    )
+            for cache in args.caches:
+                for n in args.counts:
+                    for _ in range(args.repeats):
+                        if cache == "warm":
+                            for path in paths[:n]:
+                                read_one(path, fmt)
+                            read = min(read_one(paths[0], fmt) for _ in range(3))
+                        else:
+                            evict(paths[:1])
+                            read = read_one(paths[0], fmt)
+                        copy = copy_one(paths[0], root, evict_first=cache == "cold")
+                        output = root / f"averaged-{n}"
+                        if cache == "cold":
+                            evict(paths[:n])
+                        result = subprocess.run(
+                            [sys.executable, __file__, "--worker", str(output), *map(str, paths[:n])],
+                            capture_output=True,
+                            text=True,
+                            check=True,
+                        )
+                        r = json.loads(result.stdout.strip().splitlines()[-1])
+                        shutil.rmtree(output)
+                        print(
+                            f"  {n:>2} {cache:>5} {read:>6.3f} {r['seconds']:>9.3f} {r['seconds'] / (n * read):>10.2f} "
+                            f"{r['increase_bytes'] / 1e6:>10.1f} MB {r['increase_bytes'] / largest:>15.2f} "
+                            f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f} {r['cpu_seconds']:>5.2f} {copy:>6.3f} "
+                            f"{r['seconds'] / (n * read + copy):>18.2f}"
+                            + ("" if r["hwm_reset"] else "  (VmHWM not resettable)"),
+                            flush=True,
+                        )
     print("\ntargets: memory ratio <= 4 and flat in N; time ratio <= 1.5")
 
 

@@ -9,19 +9,23 @@ Two layouts, told apart by the directory's ``metadata.json``
   (``sharded_zarr``);
 - **torch DCP** (``torch.distributed.checkpoint``, Megatron's ``torch_dist``):
   ``*.distcp`` files and a pickled ``.metadata``, read through a restricted
-  unpickler (``sharded_dcp``).
+  unpickler (``sharded_dcp``; the byte layout of a stored tensor: ``sharded_distcp``).
 
 Floating tensors are averaged in float64, a cache-sized slice of one chunk of
-every input at a time on each of a few threads (zarr) or one tensor at a time
-(DCP), and cast back to their dtype with one round-to-nearest-even. Integer tensors, ``common.pt``, extra state and
+every input at a time (zarr) or a block of rows of one stored chunk of every
+input at a time (DCP), on a few threads, and cast back to their dtype with one
+round-to-nearest-even: memory holds a few slices, whatever the model's size and
+the number of inputs. Integer tensors, ``common.pt``, extra state and
 everything that is not a tensor come from the most-weighted input. Optimizer
 state (keys starting with ``optimizer``) no longer matches averaged weights: it
 is dropped unless ``keep_optimizer``, which copies the most-weighted input's.
 
 The output directory is built in a hidden temporary directory beside it and
 renamed into place once complete, with ``metadata.json`` (and DCP's
-``.metadata``) written last; a run killed midway leaves no output, and the
-next run clears its leftovers. ``averaging.json`` records the inputs, steps,
+``.metadata``) written last; every file is synced before the rename (each is
+handed to the disk as soon as it is written, so that little is left to wait
+for then). A run killed midway leaves no output, and the next run clears its
+leftovers. ``averaging.json`` records the inputs, steps,
 WERs and weights.
 
 Selection in a directory of checkpoints (``--checkpoint_dir``): sub-directories
@@ -63,6 +67,7 @@ __all__ = [
     "average_sharded",
     "default_output",
     "is_optimizer_key",
+    "page_cache_hint",
     "round_half_even",
     "stored_bits",
     "storage_dtype",
@@ -208,6 +213,17 @@ class WeightedSum:
         if small.size:
             exact = round_half_even(torch.from_numpy(total[small]), torch.bfloat16)
             out[small] = exact.view(torch.uint16).numpy()
+
+
+def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:
+    """``posix_fadvise(fd, offset, length, POSIX_FADV_<advice>)`` where the system has it (Linux), else nothing.
+
+    ``WILLNEED`` starts reading a range from disk in the background; ``DONTNEED`` on freshly written
+    data starts writing it back (and drops it from the page cache once written). Both are hints:
+    correctness never depends on them, and the output is still synced before it is renamed.
+    """
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 def stored_bits(tensor: Tensor) -> np.ndarray:

@@ -1,38 +1,39 @@
-"""Averaging of torch.distributed.checkpoint (DCP) directories, one tensor at a time.
+"""Averaging of torch.distributed.checkpoint (DCP) directories, a block of rows at a time.
 
 A DCP directory (PyTorch's, or Megatron's ``torch_dist``) holds ``*.distcp``
 data files and a pickled ``.metadata``. Megatron pickles its own classes into
 ``.metadata``, and unpickling runs whatever a pickle names, so ``.metadata`` is
-read with ``SafeFileSystemReader``: torch's DCP metadata classes, dtypes and
-plain containers load; any other class becomes an inert placeholder; nothing
-is called.
+read with a restricted unpickler (``read_metadata``): torch's DCP metadata
+classes, dtypes and plain containers load; any other class becomes an inert
+placeholder; nothing is called.
 
-Each floating tensor is loaded whole from every input (``torch.distributed.
-checkpoint.load`` reassembles its shards), accumulated in float64 and written
-with ``torch.distributed.checkpoint.save`` as one unsharded tensor. Integer
+Each stored chunk of a floating tensor is a ``torch.save`` archive whose raw
+elements ``sharded_distcp.locate`` finds (its ``data.pkl`` read by
+``torch.load(weights_only=True)`` on the meta device). The output keeps the
+most-weighted input's chunks; each is averaged a block of rows at a time: the
+block is read from every input with ``os.preadv`` (gathered from several
+stored chunks when an input was saved with another parallelism), accumulated
+in float64, cast back with one round-to-nearest-even and appended to the
+output's archive of that chunk (``sharded_distcp.write_item``). Memory holds a
+block, never a tensor, whatever its size and the number of inputs. Integer
 tensors and non-tensor entries (extra state) are copied byte for byte from the
-most-weighted input, without unpickling them. The output's ``.metadata`` joins
-the parts and is written last.
+most-weighted input, without unpickling them. Everything goes into one data
+file, ``__0_0.distcp``; the output's ``.metadata`` is written last.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import math
 import os
 import pickle
-import shutil
-import warnings
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch import Tensor
-from torch.distributed.checkpoint.metadata import (
-    Metadata,
-    StorageMeta,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export.averaging_engine import non_finite_error
@@ -41,15 +42,25 @@ from caiman_asr_train.export.sharded_averaging import (
     SLICE,
     WeightedSum,
     is_optimizer_key,
-    stored_bits,
+    page_cache_hint,
+    storage_dtype,
+)
+from caiman_asr_train.export.sharded_distcp import (
+    AVERAGED_DTYPES,
+    StoredChunk,
+    locate,
+    read_rows,
+    write_item,
 )
 from caiman_asr_train.utils.atomic import atomic_write
 
-__all__ = ["SafeFileSystemReader", "average", "read_metadata"]
+__all__ = ["DATA_FILE", "average", "read_metadata"]
 
 Log = Callable[[str], None]
 
-COPIED_FILE = "__copied_0.distcp"
+DATA_FILE = "__0_0.distcp"
+_IN_FLIGHT = 2  # blocks queued per thread: enough to keep every thread busy while the writer catches up
+_COPY_BLOCK = 1 << 20  # bytes per read when copying an entry: memory stays flat for large copied tensors
 _ALLOWED = {
     ("torch", "Size"),
     ("collections", "OrderedDict"),
@@ -106,20 +117,6 @@ def read_metadata(directory: Path) -> Metadata:
     return metadata
 
 
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """``FileSystemReader`` whose ``.metadata`` goes through the restricted unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        # Read once: every tensor is loaded on its own, and unpickling .metadata each time costs more than the tensor.
-        if getattr(self, "_metadata", None) is None:
-            self._metadata = read_metadata(Path(self.path))
-        metadata = self._metadata
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
 def average(
     inputs: list[Path], build: Path, weights: list[float], keeper: int, keep_optimizer: bool, log: Log
 ) -> dict:
@@ -130,14 +127,20 @@ def average(
     """
     metas = [read_metadata(path) for path in inputs]
     _check_compatible(inputs, metas)
-    readers = [SafeFileSystemReader(path) for path in inputs]
+    stored = [_stored_by_key(meta) for meta in metas]
+    used = [i for i, weight in enumerate(weights) if weight > 0]  # a NaN in a zero-weight input cannot count
     ref = metas[keeper]
     state_dict_metadata: dict = {}
     storage_data: dict = {}
     planner_data: dict = {}
     averaged = copied = 0
-    with open(build / COPIED_FILE, "wb") as copies:
-        for n, (key, md) in enumerate(ref.state_dict_metadata.items()):
+    threads = 2 * len(os.sched_getaffinity(0))  # one computes while another waits for the disk
+    with (
+        open(build / DATA_FILE, "wb") as out,
+        _Files() as files,
+        concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool,
+    ):
+        for key, md in ref.state_dict_metadata.items():
             optimizer = is_optimizer_key(key)
             if optimizer and not keep_optimizer:
                 continue
@@ -146,21 +149,34 @@ def average(
                 and md.properties.dtype.is_floating_point
                 and not optimizer
             ):
-                part = _average_tensor(inputs, readers, key, md, weights, build / f".part{n}")
-                _merge_part(part, build, f"__avg{n}_", state_dict_metadata, storage_data)
-                shutil.rmtree(part)
+                sources = [
+                    _Source(inputs[i], weights[i], _stored_chunks(inputs[i], metas[i], stored[i], key))
+                    for i in used
+                ]
+                ours = sources[used.index(keeper)]
+                for (index, info), chunk in zip(stored[keeper][key], ours.chunks):
+                    start = out.tell()
+                    blocks = _averaged_blocks(
+                        key, md, chunk.offsets, chunk.sizes, sources, files, pool, _IN_FLIGHT * threads
+                    )
+                    length = write_item(out, md.properties.dtype, chunk.sizes, blocks)
+                    # Start writing the item to disk now, while the next is computed: the sync before
+                    # the rename then has little left to wait for (and the output leaves the page cache).
+                    out.flush()
+                    page_cache_hint(out.fileno(), start, length, "DONTNEED")
+                    storage_data[index] = dataclasses.replace(
+                        info, relative_path=DATA_FILE, offset=start, length=length
+                    )
                 averaged += 1
             else:
-                _copy_entry(inputs[keeper], ref, key, copies, storage_data)
-                state_dict_metadata[key] = md
+                _copy_entry(inputs[keeper], stored[keeper].get(key, []), key, out, storage_data)
                 copied += 1
+            state_dict_metadata[key] = md
             nested = ref.planner_data.get(key) if isinstance(ref.planner_data, dict) else None
             # The default planner's entry (the key's path in the nested state dict that was saved);
             # another planner's objects are its own business and are not carried over.
             if isinstance(nested, tuple) and all(isinstance(part, (str, int)) for part in nested):
                 planner_data[key] = nested
-        copies.flush()
-        os.fsync(copies.fileno())
     metadata = Metadata(
         state_dict_metadata=state_dict_metadata, planner_data=planner_data, storage_data=storage_data
     )
@@ -197,93 +213,240 @@ def _check_compatible(inputs: list[Path], metas: list[Metadata]) -> None:
                     )
 
 
-def _average_tensor(
-    inputs: list[Path],
-    readers: list[SafeFileSystemReader],
+def _stored_by_key(meta: Metadata) -> dict[str, list[tuple[Any, Any]]]:
+    """``storage_data`` grouped by key: each key's (``MetadataIndex``, ``_StorageInfo``) pairs, in file order."""
+    grouped: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in meta.storage_data.items():
+        grouped.setdefault(index.fqn, []).append((index, info))
+    return grouped
+
+
+def _stored_chunks(
+    path: Path, meta: Metadata, stored: dict[str, list[tuple[Any, Any]]], key: str
+) -> list[StoredChunk]:
+    """Where every stored chunk of ``key`` lies in ``path``'s files, in ``stored[key]``'s order.
+
+    Raises:
+        CheckpointError: a chunk without its data, or chunks that do not cover the tensor.
+    """
+    md = meta.state_dict_metadata[key]
+    sizes_at = {tuple(chunk.offsets): tuple(chunk.sizes) for chunk in md.chunks}
+    chunks = []
+    for index, info in stored.get(key, []):
+        offsets = tuple(index.offset) if index.offset is not None else None
+        if offsets not in sizes_at:
+            raise CheckpointError(
+                f"{path}: '{key}' has stored data at {offsets} that .metadata does not list; re-save the checkpoint"
+            )
+        chunks.append(locate(path, key, info, offsets, sizes_at[offsets], md.properties.dtype))
+    covered = sum(math.prod(chunk.sizes) for chunk in chunks)
+    if len({chunk.offsets for chunk in chunks}) != len(sizes_at) or covered != math.prod(md.size):
+        raise CheckpointError(
+            f"{path}: '{key}' is stored as {covered} of its {math.prod(md.size)} elements; is the checkpoint complete?"
+        )
+    return chunks
+
+
+class _Files:
+    """The inputs' data files, each opened once for the whole average."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+@dataclasses.dataclass
+class _Source:
+    """One input's stored chunks of the tensor being averaged, and its weight."""
+
+    path: Path
+    weight: float
+    chunks: list[StoredChunk]
+
+    def prefetch(self, files: _Files, offsets: tuple, sizes: tuple) -> None:
+        """Ask the kernel to start reading the stored chunks that overlap the output chunk at ``offsets``."""
+        for chunk in self.chunks:
+            if all(c < o + n and o < c + m for c, m, o, n in zip(chunk.offsets, chunk.sizes, offsets, sizes)):
+                nbytes = math.prod(chunk.sizes) * chunk.itemsize
+                page_cache_hint(files.fd(chunk.path), chunk.data_offset, nbytes, "WILLNEED")
+
+    def read(
+        self, files: _Files, key: str, offsets: tuple, sizes: tuple, start: int, stop: int, out: np.ndarray
+    ) -> None:
+        """Rows ``[start, stop)`` of the output chunk at ``offsets`` of size ``sizes``, into the flat ``out``.
+
+        An input stored with the same chunk there is read with one ``preadv``; otherwise the rows are
+        gathered from every stored chunk that overlaps them (inputs saved with another parallelism),
+        reading those chunks' rows only.
+        """
+        where = f"{self.path}: '{key}'"
+        for chunk in self.chunks:
+            if chunk.offsets == offsets and chunk.sizes == sizes:
+                read_rows(files.fd(chunk.path), chunk, start, stop, out, where)
+                return
+        low = (offsets[0] + start, *offsets[1:])
+        high = (offsets[0] + stop, *(o + n for o, n in zip(offsets[1:], sizes[1:])))
+        dest = out[: (stop - start) * math.prod(sizes[1:])].reshape(stop - start, *sizes[1:])
+        for chunk in self.chunks:
+            lo = [max(a, c) for a, c in zip(low, chunk.offsets)]
+            hi = [min(b, c + n) for b, c, n in zip(high, chunk.offsets, chunk.sizes)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            first, last = lo[0] - chunk.offsets[0], hi[0] - chunk.offsets[0]
+            rows = np.empty((last - first) * chunk.row, out.dtype)
+            read_rows(files.fd(chunk.path), chunk, first, last, rows, where)
+            inner = tuple(slice(a - c, b - c) for a, b, c in zip(lo[1:], hi[1:], chunk.offsets[1:]))
+            dest[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, low))] = rows.reshape(
+                last - first, *chunk.sizes[1:]
+            )[(slice(None), *inner)]
+
+
+def _averaged_blocks(
     key: str,
     md: TensorStorageMetadata,
-    weights: list[float],
-    part: Path,
-) -> Path:
-    """Average one tensor over the inputs and save it as a one-tensor DCP checkpoint in ``part``.
+    offsets: tuple,
+    sizes: tuple,
+    sources: list[_Source],
+    files: _Files,
+    pool: concurrent.futures.Executor,
+    in_flight: int,
+) -> Iterator[np.ndarray]:
+    """The averaged stored bits of the output chunk at ``offsets``, a block of rows at a time, in order.
 
-    Memory: the float64 sum and one input's tensor, whatever the number of inputs.
+    A block is as many rows (of the whole tensor's row length) as fit in ``SLICE`` elements, at
+    least one. Blocks are averaged on ``pool``'s threads (``_average_block``), at most
+    ``in_flight`` at a time: memory holds a few blocks, whatever the tensor's size and
+    the number of inputs. The inputs' stored chunks are announced to the kernel first
+    (``POSIX_FADV_WILLNEED``), so that reading from disk overlaps the arithmetic.
     """
-    total = np.empty(math.prod(md.size))
-    sums = WeightedSum(md.properties.dtype)
-    tensor = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    bits = stored_bits(tensor)
-    used = [(path, reader, weight) for path, reader, weight in zip(inputs, readers, weights) if weight > 0]
-    for i, (path, reader, weight) in enumerate(used):  # a NaN in a zero-weight input cannot reach the sum
-        _load(path, reader, key, tensor)
-        for start in range(0, bits.size, SLICE):
-            sums.add(total[start : start + SLICE], bits[start : start + SLICE], weight, i == 0)
-    for start in range(0, bits.size, SLICE):  # the last input's tensor is free again: it holds the result
-        if not sums.finite(total[start : start + SLICE]).all():
-            raise non_finite_error(_holding_non_finite(used, key, tensor), key)
-        sums.round_into(bits[start : start + SLICE], total[start : start + SLICE])
-    del total
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(
-            {key: tensor},
-            storage_writer=dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1),
-        )
-    return part
-
-
-def _load(path: Path, reader: SafeFileSystemReader, key: str, tensor: Tensor) -> None:
-    """Load ``key`` of one input into ``tensor``."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-            dcp.load({key: tensor}, storage_reader=reader)
-    except Exception as exc:  # DCP wraps a missing or truncated file in its own exception types
+    dtype = md.properties.dtype
+    if dtype not in AVERAGED_DTYPES:
         raise CheckpointError(
-            f"{path}: cannot read '{key}' ({str(exc).splitlines()[0]}); is the checkpoint complete?"
-        ) from None
+            f"{sources[0].path}: '{key}' is {dtype}; averaging reads bfloat16, float16, float32 and float64"
+        )
+    for source in sources:
+        source.prefetch(files, offsets, sizes)
+    rows = sizes[0] if sizes else 1
+    per_block = max(1, SLICE // max(1, math.prod(md.size[1:])))
+    window: collections.deque = collections.deque()
+    try:
+        for start in range(0, rows, per_block):
+            rows_of_block = (start, min(rows, start + per_block))
+            window.append(
+                pool.submit(_average_block, key, dtype, offsets, sizes, rows_of_block, sources, files)
+            )
+            if len(window) >= in_flight:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:  # on an error, no block may still be reading when the files are closed
+        for future in window:
+            future.cancel()
+        concurrent.futures.wait(window)
+
+
+_scratch = threading.local()
+
+
+def _average_block(
+    key: str,
+    dtype: torch.dtype,
+    offsets: tuple,
+    sizes: tuple,
+    rows: tuple[int, int],
+    sources: list[_Source],
+    files: _Files,
+) -> np.ndarray:
+    """``rows`` of the output chunk: read from every input, summed in float64, rounded to ``dtype``'s bits.
+
+    Works in this thread's reused buffers; returns a new array of the rounded bits.
+    """
+    n = (rows[1] - rows[0]) * math.prod(sizes[1:])
+    sums, piece, total = _buffers(dtype, n)
+    for i, source in enumerate(sources):
+        source.read(files, key, offsets, sizes, *rows, piece)
+        for s in range(0, n, SLICE):
+            sums.add(total[s : s + SLICE][: n - s], piece[s : s + SLICE][: n - s], source.weight, i == 0)
+    rounded = np.empty(n, piece.dtype)
+    for s in range(0, n, SLICE):
+        part = total[s : s + SLICE][: n - s]
+        if not sums.finite(part).all():
+            raise non_finite_error(
+                _holding_non_finite(sources, files, key, offsets, sizes, rows, sums, piece, total), key
+            )
+        sums.round_into(rounded[s : s + SLICE][: n - s], part)
+    return rounded
+
+
+def _buffers(dtype: torch.dtype, n: int) -> tuple[WeightedSum, np.ndarray, np.ndarray]:
+    """This thread's ``WeightedSum`` for ``dtype`` and a stored-bits and a float64 buffer of at least ``n``."""
+    per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
+    sums, piece, total = per_dtype.get(dtype) or (
+        WeightedSum(dtype),
+        np.empty(0, storage_dtype(dtype)),
+        np.empty(0),
+    )
+    if piece.size < n:
+        piece, total = np.empty(max(n, SLICE), piece.dtype), np.empty(max(n, SLICE))
+    per_dtype[dtype] = sums, piece, total
+    return sums, piece, total
 
 
 def _holding_non_finite(
-    used: list[tuple[Path, SafeFileSystemReader, float]], key: str, tensor: Tensor
+    sources: list[_Source],
+    files: _Files,
+    key: str,
+    offsets: tuple,
+    sizes: tuple,
+    rows: tuple[int, int],
+    sums: WeightedSum,
+    piece: np.ndarray,
+    total: np.ndarray,
 ) -> Path:
-    """The first input whose ``key`` holds NaN or Inf (the sum was checked; this runs only when it is not finite)."""
-    for path, reader, _ in used:
-        _load(path, reader, key, tensor)
-        if not bool(torch.isfinite(tensor).all()):
-            return path
-    return used[0][0]  # finite inputs whose sum overflows float64: none is at fault, name the first
+    """The first input whose ``rows`` hold NaN or Inf (the sum was checked; this runs only when it is not)."""
+    n = (rows[1] - rows[0]) * math.prod(sizes[1:])
+    for source in sources:
+        source.read(files, key, offsets, sizes, *rows, piece)
+        for s in range(0, n, SLICE):
+            sums.add(total[s : s + SLICE][: n - s], piece[s : s + SLICE][: n - s], 1.0, True)
+            if not sums.finite(total[s : s + SLICE][: n - s]).all():
+                return source.path
+    return sources[0].path  # finite inputs whose sum overflows float64: none is at fault, name the first
 
 
-def _merge_part(part: Path, build: Path, prefix: str, state_dict_metadata: dict, storage_data: dict) -> None:
-    """Move a one-tensor checkpoint's data files into ``build`` and add its metadata to the joined one."""
-    meta = read_metadata(part)
-    state_dict_metadata.update(meta.state_dict_metadata)
-    moved: set[str] = set()
-    for index, info in meta.storage_data.items():
-        name = prefix + info.relative_path
-        if info.relative_path not in moved:
-            (part / info.relative_path).rename(build / name)
-            moved.add(info.relative_path)
-        storage_data[index] = dataclasses.replace(info, relative_path=name)
-
-
-def _copy_entry(source: Path, meta: Metadata, key: str, copies, storage_data: dict) -> None:
-    """Append the stored bytes of ``key`` (every chunk) to ``copies``, as they are, without unpickling."""
-    for index, info in meta.storage_data.items():
-        if index.fqn != key:
-            continue
+def _copy_entry(
+    source: Path, entries: list[tuple[Any, Any]], key: str, out: BinaryIO, storage_data: dict
+) -> None:
+    """Append the stored bytes of ``key`` (every chunk) to ``out``, as they are, without unpickling."""
+    for index, info in entries:
+        start = out.tell()
         try:
             with open(source / info.relative_path, "rb") as f:
                 f.seek(info.offset)
-                data = f.read(info.length)
+                left = info.length
+                while left:
+                    data = f.read(min(left, _COPY_BLOCK))
+                    if not data:
+                        raise CheckpointError(
+                            f"{source}: '{key}' in {info.relative_path} is truncated; is the checkpoint complete?"
+                        )
+                    out.write(data)
+                    left -= len(data)
         except OSError as exc:
             raise CheckpointError(
                 f"{source}: cannot read '{key}' from {info.relative_path} ({exc}); is the checkpoint complete?"
             ) from None
-        if len(data) != info.length:
-            raise CheckpointError(
-                f"{source}: '{key}' in {info.relative_path} is truncated; is the checkpoint complete?"
-            )
-        storage_data[index] = dataclasses.replace(info, relative_path=COPIED_FILE, offset=copies.tell())
-        copies.write(data)
+        storage_data[index] = dataclasses.replace(info, relative_path=DATA_FILE, offset=start)

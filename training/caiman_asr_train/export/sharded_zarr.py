@@ -37,6 +37,7 @@ from caiman_asr_train.export.sharded_averaging import (
     SLICE,
     WeightedSum,
     is_optimizer_key,
+    page_cache_hint,
     storage_dtype,
     stored_bits,
 )
@@ -247,6 +248,8 @@ def _average_raw(
     piece, rounded, total = buffers
     item = piece.itemsize
     fds = [os.open(path / key / name, os.O_RDONLY) for path, _ in used]
+    for fd in fds:  # every input's chunk is read from disk at once, not a slice at a time
+        page_cache_hint(fd, 0, 0, "WILLNEED")
     out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         for (path, _), fd in zip(used, fds):
@@ -269,8 +272,9 @@ def _average_raw(
             sums.round_into(rounded[:n], total[:n])
             if os.pwrite(out, rounded[:n], start * item) != n * item:
                 raise OSError(f"{output}: short write")
-        # Synced here, while the other threads compute, rather than all at once before the rename.
-        os.fsync(out)
+        # Start writing the chunk to disk now, while the other threads compute: the sync before the
+        # rename (sharded_averaging) then has little left to wait for, and the output leaves the page cache.
+        page_cache_hint(out, 0, 0, "DONTNEED")
     finally:
         for fd in fds:
             os.close(fd)

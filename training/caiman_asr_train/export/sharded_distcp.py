@@ -1,0 +1,268 @@
+"""One tensor item of a ``.distcp`` file: where its elements lie on disk, and how to write one.
+
+``torch.distributed.checkpoint.FileSystemWriter`` stores each tensor chunk
+(the whole tensor, or one rank's shard of it) as a ``torch.save`` archive
+placed at ``offset`` in a ``.distcp`` file, ``length`` bytes long (the
+``_StorageInfo`` of ``.metadata``'s ``storage_data``). The archive is an
+uncompressed zip: ``archive/data.pkl`` (how to rebuild the tensor: dtype,
+shape, strides, storage offset), ``archive/byteorder`` and the storage's raw
+bytes in ``archive/data/0``.
+
+``locate`` reads ``data.pkl`` with ``torch.load(weights_only=True,
+map_location="meta")`` (nothing is unpickled outside torch's allow-list, and
+no element is read) and the zip's local header of ``data/0``: the result says
+at which file offset the chunk's row-major elements start, so that averaging
+reads any rows of it with ``os.preadv`` into a buffer of its own. ``write_item``
+writes an archive that ``torch.load`` and DCP read back, the elements coming
+from an iterator of blocks, so that no whole tensor is ever held in memory.
+"""
+
+import collections
+import io
+import math
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable
+
+import numpy as np
+import torch
+
+from caiman_asr_train.core.errors import CheckpointError
+
+__all__ = ["StoredChunk", "locate", "read_rows", "write_item"]
+
+# The storage classes torch pickles for the dtypes that are averaged (other dtypes are copied as bytes).
+_STORAGE_CLASS = {
+    torch.float64: torch.DoubleStorage,
+    torch.float32: torch.FloatStorage,
+    torch.float16: torch.HalfStorage,
+    torch.bfloat16: torch.BFloat16Storage,
+}
+AVERAGED_DTYPES = frozenset(_STORAGE_CLASS)
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then the file name and extra field lengths
+_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+ARCHIVE = "archive"
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """One stored chunk of a tensor: its place in the whole tensor and in a file.
+
+    Elements are stored row-major (C order) from byte ``data_offset`` of ``path``.
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    path: Path
+    data_offset: int
+    itemsize: int
+
+    @property
+    def row(self) -> int:
+        """Elements per index of the first dimension (1 for 0-d and 1-d chunks)."""
+        return math.prod(self.sizes[1:])
+
+
+class _FileView(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a read-only seekable file (read with ``preadv``)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._length - self._pos))
+        got = os.preadv(self._fd, [view[:n]], self._start + self._pos) if n else 0
+        self._pos += got
+        return got
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def locate(
+    directory: Path, key: str, info: Any, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
+) -> StoredChunk:
+    """Where the elements of one stored chunk of ``key`` lie (module docstring).
+
+    Args:
+        info: the chunk's ``_StorageInfo`` (``relative_path``, ``offset``, ``length``).
+        offsets, sizes: the chunk's place in the whole tensor (``.metadata``).
+        dtype: the tensor's dtype (``.metadata``).
+
+    Raises:
+        CheckpointError: a missing or truncated file, an item that is not a plain
+            ``torch.save`` archive of a row-major tensor of that shape and dtype.
+    """
+    path = directory / info.relative_path
+    where = f"{directory}: '{key}' in {info.relative_path}"
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(
+            f"{where} is stored through {list(info.transform_descriptors)}; "
+            "averaging reads plain torch_save items only, re-save without storage extensions"
+        )
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot open it ({exc}); is the checkpoint complete?") from None
+    try:
+        if os.fstat(fd).st_size < info.offset + info.length:
+            raise CheckpointError(f"{where} is truncated; is the checkpoint complete?")
+        view = _FileView(fd, info.offset, info.length)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                layout = torch.load(view, weights_only=True, map_location="meta")
+            view.seek(0)
+            with zipfile.ZipFile(view) as archive:
+                records = {name.split("/", 1)[-1]: archive.getinfo(name) for name in archive.namelist()}
+                byteorder = archive.read(records["byteorder"]) if "byteorder" in records else b"little"
+            data = records["data/0"]
+            view.seek(data.header_offset)
+            signature, name_length, extra_length = _LOCAL_HEADER.unpack(view.read(_LOCAL_HEADER.size))
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, struct.error) as exc:
+            raise CheckpointError(
+                f"{where}: not a readable torch.save item ({str(exc).splitlines()[0]}); is the checkpoint complete?"
+            ) from None
+    finally:
+        os.close(fd)
+    itemsize = layout.element_size() if isinstance(layout, torch.Tensor) else 0
+    if (
+        not isinstance(layout, torch.Tensor)
+        or layout.dtype != dtype
+        or tuple(layout.shape) != tuple(sizes)
+        or not layout.is_contiguous()
+        or signature != _LOCAL_HEADER_SIGNATURE
+        or data.compress_type != zipfile.ZIP_STORED
+        or byteorder != b"little"
+        or data.file_size < (layout.storage_offset() + layout.numel()) * itemsize
+    ):
+        raise CheckpointError(
+            f"{where}: not a little-endian, uncompressed, row-major {dtype} tensor of shape {list(sizes)} "
+            "(as torch.distributed.checkpoint saves one); re-save the checkpoint"
+        )
+    data_offset = (
+        info.offset
+        + data.header_offset
+        + _LOCAL_HEADER.size
+        + name_length
+        + extra_length
+        + layout.storage_offset() * itemsize
+    )
+    return StoredChunk(tuple(offsets), tuple(sizes), path, data_offset, itemsize)
+
+
+def read_rows(fd: int, chunk: StoredChunk, start: int, stop: int, out: np.ndarray, where: str) -> None:
+    """Rows ``[start, stop)`` (of the first dimension) of ``chunk``, read from ``fd`` into the flat ``out``.
+
+    Raises:
+        CheckpointError: the file ends before the rows (truncated since it was located).
+    """
+    count = (stop - start) * chunk.row
+    buffer = out[:count]
+    if os.preadv(fd, [buffer], chunk.data_offset + start * chunk.row * chunk.itemsize) != buffer.nbytes:
+        raise CheckpointError(f"{where} is truncated; is the checkpoint complete?")
+
+
+class _Region(io.RawIOBase):
+    """A writable file seen from ``start``: a zip archive written here has offsets relative to its own start,
+    as an item of a ``.distcp`` file must."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self._file, self._start = file, file.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._file.write(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos += self._start
+        return self._file.seek(pos, whence) - self._start
+
+    def tell(self) -> int:
+        return self._file.tell() - self._start
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+class _Storage:
+    """Pickled as torch pickles a tensor's storage: a persistent id naming its class, key, device and size."""
+
+    def __init__(self, dtype: torch.dtype, numel: int) -> None:
+        self.persistent_id = ("storage", _STORAGE_CLASS[dtype], "0", "cpu", numel)
+
+
+class _Tensor:
+    """Pickled as ``torch.save`` pickles a contiguous CPU tensor of this shape that owns its storage."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.storage = _Storage(dtype, math.prod(shape))
+        self.shape = tuple(shape)
+
+    def __reduce__(self) -> tuple:
+        # torch's contiguous strides: a zero-size dimension counts as 1
+        strides = tuple(math.prod(max(n, 1) for n in self.shape[i + 1 :]) for i in range(len(self.shape)))
+        rebuild = torch._utils._rebuild_tensor_v2  # what torch.load(weights_only=True) allows for tensors
+        return rebuild, (self.storage, 0, self.shape, strides, False, collections.OrderedDict())
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.persistent_id if isinstance(obj, _Storage) else None
+
+
+def tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``data.pkl`` that ``torch.save`` writes for a contiguous tensor of ``dtype`` and ``shape``."""
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=2).dump(_Tensor(dtype, shape))
+    return buffer.getvalue()
+
+
+def write_item(
+    file: BinaryIO, dtype: torch.dtype, shape: tuple[int, ...], blocks: Iterable[np.ndarray]
+) -> int:
+    """Append to ``file`` a ``torch.save`` archive of a tensor whose row-major stored bits are ``blocks``.
+
+    The blocks are written as they come (the zip module computes the CRC on the way), so memory
+    holds one block. Returns the item's length in bytes (its ``_StorageInfo.length``).
+    """
+    start = file.tell()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    with zipfile.ZipFile(_Region(file), "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/data.pkl"), tensor_pickle(dtype, shape))
+        archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/byteorder"), b"little")
+        record = zipfile.ZipInfo(f"{ARCHIVE}/data/0")
+        record.file_size = nbytes  # lets the zip module choose zip64 up front for items over 4 GiB
+        written = 0
+        with archive.open(record, "w") as out:
+            for block in blocks:
+                written += out.write(memoryview(block).cast("B"))
+        if written != nbytes:
+            raise AssertionError(f"wrote {written} bytes of a {nbytes}-byte tensor")
+        archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/version"), b"3\n")
+    return file.tell() - start
