@@ -68,6 +68,7 @@ __all__ = [
     "default_output",
     "is_optimizer_key",
     "page_cache_hint",
+    "worker_threads",
     "round_half_even",
     "stored_bits",
     "storage_dtype",
@@ -213,6 +214,17 @@ class WeightedSum:
         if small.size:
             exact = round_half_even(torch.from_numpy(total[small]), torch.bfloat16)
             out[small] = exact.view(torch.uint16).numpy()
+
+
+# Threads that average chunks: two per core (one computes while another waits for the disk), at most
+# MAX_THREADS, each with a few slice-sized buffers (about 1 MiB): memory stays flat on many-core machines.
+MAX_THREADS = 8
+
+
+def worker_threads() -> int:
+    """How many threads average chunks on this machine (``MAX_THREADS``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_THREADS, 2 * cores)
 
 
 def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:

@@ -44,6 +44,7 @@ from caiman_asr_train.export.sharded_averaging import (
     is_optimizer_key,
     page_cache_hint,
     storage_dtype,
+    worker_threads,
 )
 from caiman_asr_train.export.sharded_distcp import (
     AVERAGED_DTYPES,
@@ -134,7 +135,7 @@ def average(
     storage_data: dict = {}
     planner_data: dict = {}
     averaged = copied = 0
-    threads = 2 * len(os.sched_getaffinity(0))  # one computes while another waits for the disk
+    threads = worker_threads()
     with (
         open(build / DATA_FILE, "wb") as out,
         _Files() as files,

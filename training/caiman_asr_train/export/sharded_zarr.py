@@ -40,6 +40,7 @@ from caiman_asr_train.export.sharded_averaging import (
     page_cache_hint,
     storage_dtype,
     stored_bits,
+    worker_threads,
 )
 
 __all__ = ["average", "chunk_keys"]
@@ -170,10 +171,10 @@ def _chunk_tasks(
 
 
 def _run_all(tasks: list[Callable[[], None]]) -> None:
-    """Run the chunk tasks on two threads per core: numpy and file IO release the GIL, chunks are
+    """Run the chunk tasks on ``worker_threads()`` threads: numpy and file IO release the GIL, chunks are
     independent (no thread waits for another, unlike a thread pool inside every operation), and
-    while one thread waits for its chunk file to reach the disk another computes."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(os.sched_getaffinity(0))) as pool:
+    while one thread waits for its input chunks to come from disk another computes."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=worker_threads()) as pool:
         futures = [pool.submit(task) for task in tasks]
         try:
             for future in futures:

@@ -1,5 +1,6 @@
 """Averaging of sharded checkpoints: zarr (Megatron layout) and torch.distributed.checkpoint directories."""
 
+import io
 import json
 import os
 import pickle
@@ -8,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import types
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +27,7 @@ import zarr
 
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.export import checkpoint_averaging as ca
+from caiman_asr_train.export import sharded_dcp
 from caiman_asr_train.export.sharded_averaging import (
     SLICE,
     WeightedSum,
@@ -31,7 +35,8 @@ from caiman_asr_train.export.sharded_averaging import (
     round_half_even,
     storage_dtype,
 )
-from caiman_asr_train.export.sharded_dcp import read_metadata
+from caiman_asr_train.export.sharded_dcp import DATA_FILE, read_metadata
+from caiman_asr_train.export.sharded_distcp import tensor_pickle
 from caiman_asr_train.utils.cli import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -436,6 +441,113 @@ def test_dcp_average_loads_back_with_torch_distributed_checkpoint(tmp_path):
     assert metadata.planner_data["model.w"] == ("model", "w")  # the nested layout that was saved
 
 
+def test_dcp_tensors_are_averaged_a_block_of_rows_at_a_time_and_round_like_the_reference(
+    tmp_path, monkeypatch
+):
+    """Tensors of several blocks (and a row longer than a block): every read is at most one block."""
+    rng = np.random.default_rng(0)
+    states = []
+    for seed in (1, 2, 3):
+        # bfloat16 values near ties: 1 + k/256 + a little, so that rounding twice would differ
+        ties = (
+            1 + rng.integers(0, 256, (300, 250)) / 256 + rng.choice([2.0**-30, -(2.0**-30), 0.0], (300, 250))
+        )
+        state = {
+            "w": torch.from_numpy(ties * (seed + 0.5)).to(torch.float32).to(torch.bfloat16),
+            "v": torch.from_numpy(rng.standard_normal(2 * SLICE + 5)).to(torch.float16),
+            "long": torch.from_numpy(rng.standard_normal((2, SLICE + 3))).to(torch.float32),
+        }
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / f"d-step={seed}"))
+        states.append(state)
+    reads = []
+    real = sharded_dcp.read_rows
+    monkeypatch.setattr(
+        sharded_dcp,
+        "read_rows",
+        lambda fd, chunk, start, stop, out, where: (
+            reads.append((stop - start) * chunk.row) or real(fd, chunk, start, stop, out, where)
+        ),
+    )
+    weights = [1.0, 1.0, 1.0]  # thirds: the float64 sums are inexact, as in real averages
+    paths = [tmp_path / f"d-step={s}" for s in (1, 2, 3)]
+    average_sharded(paths, tmp_path / "out", weights, log=quiet)
+    assert max(reads) <= SLICE + 3  # one block (the long tensor's block is one row of SLICE + 3)
+    loaded = {k: torch.empty_like(v) for k, v in states[0].items()}
+    dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
+    for key, value in loaded.items():
+        total = sum(torch.tensor(1 / 3, dtype=torch.float64) * s[key].double() for s in states)
+        assert torch.equal(value, round_half_even(total, value.dtype)), key
+    assert not torch.equal(
+        loaded["w"], sum(s["w"].double() / 3 for s in states).to(torch.bfloat16)
+    )  # torch's own cast, rounding twice, differs
+
+
+def test_dcp_output_items_are_checked_zip_archives_like_torch_save(tmp_path):
+    for seed in (1, 2):
+        dcp_checkpoint(tmp_path / f"d-step={seed}", seed=seed)
+    average_sharded([tmp_path / "d-step=1", tmp_path / "d-step=2"], tmp_path / "out", log=quiet)
+    metadata = read_metadata(tmp_path / "out")
+    data = (tmp_path / "out" / DATA_FILE).read_bytes()
+    for index, info in metadata.storage_data.items():
+        assert info.relative_path == DATA_FILE
+        item = data[info.offset : info.offset + info.length]
+        if index.fqn == "model.w":
+            with zipfile.ZipFile(io.BytesIO(item)) as archive:
+                assert archive.testzip() is None  # every CRC is right
+                assert archive.read("archive/data.pkl") == tensor_pickle(torch.bfloat16, (6, 4))
+            assert torch.load(io.BytesIO(item), weights_only=True).shape == (6, 4)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".metadata", DATA_FILE, "averaging.json"]
+
+
+def test_the_data_pickle_is_what_torch_save_writes():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        for shape in ((6, 4), (5,), (), (3, 0, 2)):
+            saved = io.BytesIO()
+            torch.save(torch.zeros(shape, dtype=dtype), saved)
+            with zipfile.ZipFile(saved) as archive:
+                assert archive.read("archive/data.pkl") == tensor_pickle(dtype, shape)
+
+
+def test_dcp_memory_is_a_few_blocks_not_a_tensor(tmp_path):
+    """numpy's allocations (which tracemalloc sees) stay below one stored tensor: no whole-tensor sum."""
+    for seed in (1, 2, 3):
+        g = torch.Generator().manual_seed(seed)
+        big = torch.randn(2048, 4096, generator=g).to(torch.bfloat16)  # 16 MiB stored, 64 MiB in float64
+        dcp.save({"w": big}, storage_writer=dcp.FileSystemWriter(tmp_path / f"m-step={seed}"))
+        del big
+    tracemalloc.start()
+    try:
+        average_sharded([tmp_path / f"m-step={s}" for s in (1, 2, 3)], tmp_path / "out", log=quiet)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2048 * 4096 * 2 / 2
+
+
+def test_non_finite_dcp_inputs_are_refused_naming_directory_and_key(tmp_path):
+    dcp_checkpoint(tmp_path / "a", seed=1)
+    state = dcp_checkpoint(tmp_path / "b", seed=2)
+    state["model"]["b"][3] = float("inf")
+    shutil.rmtree(tmp_path / "b")
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "b"))
+    with pytest.raises(CheckpointError, match=r"b: 'model\.b' holds NaN or Inf"):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    average_sharded(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "out", [1, 0], log=quiet
+    )  # weight 0: skipped
+
+
+def test_a_truncated_distcp_file_is_refused_naming_it(tmp_path):
+    dcp_checkpoint(tmp_path / "a", seed=1)
+    dcp_checkpoint(tmp_path / "b", seed=2)
+    info = next(i for k, i in read_metadata(tmp_path / "b").storage_data.items() if k.fqn == "model.w")
+    data = tmp_path / "b" / info.relative_path
+    data.write_bytes(data.read_bytes()[: info.offset + info.length - 10])  # into model.w's archive
+    with pytest.raises(CheckpointError, match=r"b: '.*' in __0_0\.distcp is truncated"):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+
+
 @pytest.mark.parametrize(
     "other, message",
     [
@@ -496,10 +608,10 @@ def _write_sharded(rank: int, init_file: str, root: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
-    for seed in (1, 2):
+    for seed in (1, 2, 3):
         full = torch.arange(32, dtype=torch.float32).reshape(8, 4) * seed
-        state = {
-            "model.w": distribute_tensor(full, mesh, [Shard(0)]),
+        state = {  # 1 and 2 split by rows, 3 by columns (saved with another parallelism)
+            "model.w": distribute_tensor(full, mesh, [Shard(0 if seed < 3 else 1)]),
             "model.b": torch.full((3,), float(seed)),
         }
         dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{root}/s-step={seed}"))
@@ -518,3 +630,14 @@ def test_dcp_written_by_two_gloo_processes_with_sharded_tensors(tmp_path):
     dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
     assert torch.equal(loaded["model.w"], torch.arange(32, dtype=torch.float32).reshape(8, 4) * 1.5)
     assert torch.equal(loaded["model.b"], torch.full((3,), 1.5))
+    # Another parallelism: each output chunk is gathered from the other input's overlapping chunks.
+    for keeper, weights in (("s-step=3", [1, 3]), ("s-step=1", [3, 1])):
+        out = tmp_path / f"mixed-{keeper}"
+        average_sharded([tmp_path / "s-step=1", tmp_path / "s-step=3"], out, weights, log=quiet)
+        assert read_metadata(out).state_dict_metadata["model.w"].chunks == (
+            read_metadata(tmp_path / keeper).state_dict_metadata["model.w"].chunks
+        )
+        loaded = {"model.w": torch.empty(8, 4), "model.b": torch.empty(3)}
+        dcp.load(loaded, storage_reader=dcp.FileSystemReader(out))
+        expected = torch.arange(32, dtype=torch.float64).reshape(8, 4) * (weights[0] + 3 * weights[1]) / 4
+        assert torch.equal(loaded["model.w"], expected.float())
