@@ -150,6 +150,11 @@ def average(
                 and md.properties.dtype.is_floating_point
                 and not optimizer
             ):
+                if md.properties.dtype not in AVERAGED_DTYPES:
+                    raise CheckpointError(
+                        f"{inputs[keeper]}: '{key}' is {md.properties.dtype}; averaging reads bfloat16, "
+                        "float16, float32 and float64 tensors"
+                    )
                 sources = [
                     _Source(inputs[i], weights[i], _stored_chunks(inputs[i], metas[i], stored[i], key))
                     for i in used
@@ -334,10 +339,6 @@ def _averaged_blocks(
     (``POSIX_FADV_WILLNEED``), so that reading from disk overlaps the arithmetic.
     """
     dtype = md.properties.dtype
-    if dtype not in AVERAGED_DTYPES:
-        raise CheckpointError(
-            f"{sources[0].path}: '{key}' is {dtype}; averaging reads bfloat16, float16, float32 and float64"
-        )
     for source in sources:
         source.prefetch(files, offsets, sizes)
     rows = sizes[0] if sizes else 1

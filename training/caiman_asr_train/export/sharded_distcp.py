@@ -137,7 +137,15 @@ def locate(
             data = records["data/0"]
             view.seek(data.header_offset)
             signature, name_length, extra_length = _LOCAL_HEADER.unpack(view.read(_LOCAL_HEADER.size))
-        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, struct.error) as exc:
+        except (
+            RuntimeError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            KeyError,
+            struct.error,
+            ValueError,
+            EOFError,
+        ) as exc:
             raise CheckpointError(
                 f"{where}: not a readable torch.save item ({str(exc).splitlines()[0]}); is the checkpoint complete?"
             ) from None
