@@ -116,8 +116,11 @@ py="${PY:-python3}"
 # included, from source), and pip's metadata step runs in this Python when it
 # has setuptools (no isolated build environment to fill); otherwise pip fetches
 # those build requirements as wheels.
+# That needs setuptools with a bdist_wheel command (setuptools >= 70.1, or the
+# wheel package): a new virtual environment's bundled setuptools has none.
 download_args=(download -q --no-deps --no-binary kenlm -d "$work/sdist")
-if "$py" -c "import setuptools" >/dev/null 2>&1; then
+if "$py" -c "import setuptools.command.bdist_wheel" >/dev/null 2>&1 \
+    || "$py" -c "import setuptools, wheel" >/dev/null 2>&1; then
     download_args+=(--no-build-isolation)
 fi
 log "downloading the kenlm ${KENLM_VERSION} source distribution with $py -m pip"
