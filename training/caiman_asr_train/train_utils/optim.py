@@ -61,9 +61,10 @@ class Lamb(torch.optim.Optimizer):
         """One update of ``params`` (those of ``group`` with a gradient), all tensors at once.
 
         The arithmetic is the per-tensor formula above, in the same order, done
-        with ``torch._foreach_*`` ops: one kernel launch per op for the whole
-        group rather than a Python loop of a dozen small ops per tensor (a
-        third of the optimizer's time on a CPU model of a million weights).
+        with ``torch._foreach_*`` ops: on CUDA without apex, one kernel launch
+        per op for the whole group rather than a dozen small launches per
+        tensor. On CPU torch loops over the tensors itself, so it costs what a
+        Python loop would (12.7 ms a step for the 1.5M-weight demo model).
         """
         beta1, beta2 = group["betas"]
         for p in params:
