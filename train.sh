@@ -18,8 +18,9 @@ set -euo pipefail
 # The demo recipe for 2 CPU cores (see README): LAMB with a short warmup,
 # decay from step 1800 on, and an EMA short enough to forget the early weights.
 # Global batches of 16 learn more per utterance than 32 (11.2% dev WER after
-# 32,000 utterances vs 12.7% after 38,400 with batch 32; 6.5% after 48,000),
-# so 3,600 steps of 16 see as many utterances as 1,800 of 32 did. Few
+# 32,000 utterances vs 12.7% after 38,400 with batch 32; 6.5% after 48,000;
+# after 57,600, 1,800 steps of 32 reach 6.8% and these 3,600 steps of 16
+# 5.3-5.4%). Shorter schedules miss 6.5% (2,200 steps: 10.4%). Few
 # validations: each costs several steps' time and only the end is best.
 # --skip_state_dict_check: the demo model is not an FPGA variant.
 DEMO_ARGS=(
