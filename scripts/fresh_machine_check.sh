@@ -98,7 +98,9 @@ if phase "train.sh (all phases)" train.log ./train.sh; then
     train_secs=$last_secs
     # train.sh prints its own split of the time before training starts;
     # training and export are the rest of its phase.
-    split="$(grep -h '^\[train.sh\]\|^\[build_kenlm\] built\|^\[prepare_demo\] done' "$logs/train.log" || true)"
+    # KenLM compiles in the background, so its line may start in the middle of
+    # a progress bar's line of the log.
+    split="$(grep -h -o '^\[train.sh\].*\|\[build_kenlm\] built.*\|^\[prepare_demo\] done.*' "$logs/train.log" | sed 's/\r.*//' || true)"
     while IFS= read -r line; do
         [ -n "$line" ] && report+=("  $line")
     done <<<"$split"
