@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 from memory_probe import memory_cgroup
+from page_cache import evict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"
@@ -85,17 +86,6 @@ def make_checkpoints(directory: Path, count: int) -> list[Path]:
         )
         print(f"  wrote {paths[-1].name} ({paths[-1].stat().st_size / 1e6:.1f} MB)", flush=True)
     return paths
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop the files from the page cache, so the next read comes from the disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_time(path: Path, cold: bool, repeats: int = 3) -> float:

@@ -46,6 +46,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import yaml
+from page_cache import evict
 
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, fpga_variant, save_hardware_ckpt
@@ -138,23 +139,13 @@ def make_training_checkpoint(config_path: Path, save_dir: Path) -> Path:
     return Checkpointer(save_dir).save(model, ema, optimizer, 1, 1000, 0.1, tokenizer_kw, 1.0, config_path)
 
 
-def evict(*paths: Path) -> None:
-    """Drop the files' pages from the page cache, so the next read comes from the disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def timed(fn, cold_files: tuple[Path, ...]) -> float:
     gc.collect()
     # Flush earlier writes first: otherwise their write-back lands in, and is
     # charged to, whichever measurement happens to run next. (Also needed
     # before evicting: dirty pages cannot be dropped.)
     os.sync()
-    evict(*cold_files)
+    evict(cold_files)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -49,6 +49,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import torch
+from page_cache import evict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"
@@ -186,19 +187,6 @@ def stored_chunks(path: Path, fmt: str) -> list[tuple[Path, int, int]]:
         chunk = locate(path, index.fqn, info, tuple(index.offset), shape, dtype)
         chunks.append((chunk.path, chunk.data_offset, math.prod(shape) * dtype.itemsize))
     return chunks
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop every file of ``paths`` from the page cache (synced first: only clean pages can be dropped)."""
-    for path in paths:
-        for directory, _, files in os.walk(path):
-            for name in files:
-                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
 
 
 def copy_one(path: Path, root: Path, evict_first: bool) -> float:
