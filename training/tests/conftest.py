@@ -16,6 +16,7 @@ _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 
 spm_model = _fixtures.spm_model
+other_size_spm_bytes = _fixtures.other_size_spm_bytes
 kenlm_files = _fixtures.kenlm_files
 mel_stats = _fixtures.mel_stats
 export_env = _fixtures.export_env

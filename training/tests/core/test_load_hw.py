@@ -1,6 +1,5 @@
 """load_hw_checkpoint: a hardware checkpoint alone rebuilds the exact model, and bad files are refused."""
 
-import io
 import warnings
 from pathlib import Path
 
@@ -166,19 +165,8 @@ def test_wrong_types_and_inconsistent_content_are_refused(hw, tmp_path, change, 
         load_hw_checkpoint(write(hw, tmp_path / "x.hw.pt"))
 
 
-def test_a_tokenizer_of_another_size_is_refused(hw, tmp_path):
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["abc def ghi"] * 10),
-        model_writer=buffer,
-        vocab_size=12,
-        model_type="char",
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        minloglevel=2,
-    )
-    hw["sentpiece_model"] = buffer.getvalue()
+def test_a_tokenizer_of_another_size_is_refused(hw, tmp_path, other_size_spm_bytes):
+    hw["sentpiece_model"] = other_size_spm_bytes
     with pytest.raises(
         CheckpointError, match=r"has \d+ pieces, so joint_net.2.weight needs \d+ rows, found 41"
     ):

@@ -4,6 +4,7 @@ YAML config and a training checkpoint with Adam state, all written under tmp pat
 tests/core/conftest.py re-exports these fixtures for test_load_hw.py.
 """
 
+import io
 import shutil
 import subprocess
 import textwrap
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
@@ -38,6 +40,23 @@ SENTENCES = [
 def spm_model(tmp_path_factory) -> Path:
     """A real unigram SentencePiece model trained on SENTENCES (unk_id 0, no BOS/EOS)."""
     return train_sentencepiece(SENTENCES * 4, tmp_path_factory.mktemp("spm") / "tiny", vocab_size=40)
+
+
+@pytest.fixture(scope="session")
+def other_size_spm_bytes() -> bytes:
+    """A 12-piece character SentencePiece model: another vocabulary size than ``spm_model``'s."""
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["abc def ghi"] * 10),
+        model_writer=buffer,
+        vocab_size=12,
+        model_type="char",
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        minloglevel=2,
+    )
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

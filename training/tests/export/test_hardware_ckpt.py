@@ -1,6 +1,5 @@
 """Hardware checkpoints: docs/formats.md section 9 layout, every refusal, n-gram options and the command line."""
 
-import io
 import subprocess
 import sys
 import zipfile
@@ -8,7 +7,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from caiman_asr_train.core.errors import HardwareCheckpointError, UserError
@@ -199,19 +197,8 @@ def test_skip_ngram_and_override_ngram_path(export_env, tmp_path):
         export(export_env, override_ngram_path=export_env.kenlm.arpa)
 
 
-def test_vocabulary_must_match_the_weights(export_env):
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["abc def ghi"] * 10),
-        model_writer=buffer,
-        vocab_size=12,
-        model_type="char",
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        minloglevel=2,
-    )
-    export_env.spm_path.write_bytes(buffer.getvalue())
+def test_vocabulary_must_match_the_weights(export_env, other_size_spm_bytes):
+    export_env.spm_path.write_bytes(other_size_spm_bytes)
     with pytest.raises(HardwareCheckpointError, match="pieces but the weights have"):
         export(export_env)
 
