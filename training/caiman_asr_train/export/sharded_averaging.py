@@ -60,6 +60,7 @@ from caiman_asr_train.export.averaging_selection import (
     resolve_weights,
 )
 from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.cores import available_cores
 
 __all__ = [
     "AVERAGING_JSON",
@@ -226,8 +227,7 @@ MAX_THREADS = 4
 
 def worker_threads() -> int:
     """How many threads average chunks on this machine (``MAX_THREADS``)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_THREADS, 2 * cores)
+    return min(MAX_THREADS, 2 * available_cores())
 
 
 def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:

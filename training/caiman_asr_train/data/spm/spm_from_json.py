@@ -33,6 +33,7 @@ from caiman_asr_train.data.normalizers import NORMALIZE_MODES, Replacements, nor
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.cores import available_cores
 
 PathLike = Union[str, os.PathLike]
 
@@ -132,7 +133,7 @@ def train_sentencepiece(
             # default NFKC rule would change some characters and break the
             # round trip transcript -> ids -> transcript.
             normalization_rule_name="identity",
-            num_threads=min(os.cpu_count() or 1, 8),
+            num_threads=min(available_cores(), 8),
             minloglevel=2,
         )
     except RuntimeError as exc:
