@@ -53,9 +53,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: PathLike, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (``durable``: as ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(data), durable)
 
 
 class _RecordingFile(io.RawIOBase):
@@ -101,15 +101,20 @@ def _output_error(path: Path, exc: OSError) -> Optional[OutputError]:
     return None if problem is None else OutputError(f"cannot write {path}: {problem}")
 
 
-def atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], Any], durable: bool = True) -> None:
     """Call ``write_fn(binary_file)`` on a temporary file, then rename it to ``path``.
+
+    ``durable=False`` skips the two fsyncs (the file's and its directory's): the
+    rename still makes the file appear whole or not at all to every reader, but
+    a power cut may lose it. For the many small files of a job that syncs once
+    at the end, before it records that the job is complete (the demo corpus).
 
     Raises:
         OutputError: the file system refused the write (see the module docstring).
     """
     path = Path(path)
     try:
-        _write_and_rename(path, write_fn)
+        _write_and_rename(path, write_fn, durable)
     except OSError as exc:
         error = _output_error(path, exc)
         if error is None:
@@ -117,7 +122,7 @@ def atomic_write(path: PathLike, write_fn: Callable[[BinaryIO], Any]) -> None:
         raise error from None
 
 
-def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any]) -> None:
+def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any], durable: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +133,8 @@ def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any]) -> None:
             recording = _RecordingFile(f)
             write_fn(recording)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp_name, _default_mode())
         os.replace(tmp_name, path)
@@ -140,7 +146,8 @@ def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any]) -> None:
         if recording is not None and recording.error is not None and not isinstance(exc, OSError):
             raise recording.error from None
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
