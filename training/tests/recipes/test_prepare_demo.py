@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from caiman_asr_train.core.features import load_mel_stats
+from caiman_asr_train.data.generate_mel_stats import compute_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.ngram import is_kenlm_binary
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.recipes import prepare_demo as prepare_demo_module
+from caiman_asr_train.rnnt import config
 
 REPO = Path(__file__).resolve().parents[3]
 WORDS = "the a cat dog sat ran on under table garden red green blue house car it's".split()
@@ -123,3 +126,19 @@ def test_a_new_front_end_version_remakes_the_statistics_only(demo, monkeypatch):
         "ngram": "up to date",
     }
     assert (root / "stats" / "melmeans.pt").stat().st_mtime_ns != before
+
+
+def test_statistics_come_from_at_most_stats_files_evenly_spaced_utterances(demo, monkeypatch):
+    root, run = demo
+    run()
+    _, _, all_frames = load_mel_stats(root / "stats", 80)
+    monkeypatch.setattr(prepare_demo_module, "STATS_FILES", 8)  # of 24: every third utterance
+    _, lines = run()
+    assert _verdicts(lines)["stats"] == "made" and _verdicts(lines)["spm"] == "up to date"
+    means, variances, frames = load_mel_stats(root / "stats", 80)
+    entries = prepare_demo_module.read_manifests(["train.json"], root)
+    cfg = config.load(root.parents[1] / "training" / "configs" / "demo.yaml")
+    features = config.input(cfg, "train")["filterbank_features"]
+    expected = compute_mel_stats(entries[::3], root, features, progress=False)
+    assert float(frames[0]) == expected[2] < float(all_frames[0])
+    torch.testing.assert_close(means, expected[0].to(means.dtype))
