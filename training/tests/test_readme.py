@@ -1,8 +1,8 @@
 """The README's checkpoint-averaging examples run as written on a run's output directory.
 
 A short run on the tiny corpus of test_train.py stands in for the demo's
-``results/``: it saves step checkpoints 1, 2 and 3 where the demo saves 1200,
-2400 and 3600, validating at each. The commands are taken from the README's
+``results/``: it saves step checkpoints 1, 2 and 3 where the demo's last three
+are 1300, 1950 and 2600, validating at each. The commands are taken from the README's
 code block and changed only where the stand-in differs: ``results`` is the
 run's directory, the README's step numbers map in order onto the run's, and
 ``./val.sh`` is told where the tiny dev set is.
