@@ -219,15 +219,18 @@ class WeightedSum:
             out[small] = exact.view(torch.uint16).numpy()
 
 
-# Threads that average chunks: two per core (one computes while another waits for the disk), at most
-# MAX_THREADS, each with a few slice-sized buffers (about 3 MiB): memory stays flat (about 20 MB) on
-# many-core machines, where the disk rather than the arithmetic sets the pace.
+# Threads that average chunks: one per core, at most MAX_THREADS, each with a few slice-sized
+# buffers (about 3 MiB): memory stays flat (about 10-20 MB) on many-core machines, where the disk
+# rather than the arithmetic sets the pace. Two per core (so that one computes while another waits
+# for the disk) measured slower on the 2-core benchmark machine: the kernel's read-ahead, started
+# by POSIX_FADV_WILLNEED, already keeps the disk busy, and four threads thrash two cores' caches
+# (5 zarr checkpoints from a cold cache: 1.10-1.35x N reads with four threads, 0.82-0.89x with two).
 MAX_THREADS = 4
 
 
 def worker_threads() -> int:
     """How many threads average chunks on this machine (``MAX_THREADS``)."""
-    return min(MAX_THREADS, 2 * available_cores())
+    return min(MAX_THREADS, available_cores())
 
 
 def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:
