@@ -21,42 +21,22 @@ relative lower WER than greedy.
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
+from dev_set import REPO, add_dev_set_args, dev_entries
 from torch.utils.data import DataLoader
 
 from caiman_asr_train.core.decoder import greedy_search
 from caiman_asr_train.core.load_hw import read_checkpoint
 from caiman_asr_train.data.dataset import AudioDataset, collate
-from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.evaluate.decoding import Decoder, add_decoder_args, build_decoder, encoder_frame_seconds
 from caiman_asr_train.evaluate.evaluator import evaluate, featurize
 from caiman_asr_train.train_utils.checkpoints import load_for_validation
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Greedy vs beam vs beam+n-gram decoding: speed and WER.")
-    parser.add_argument(
-        "--ckpt",
-        type=Path,
-        default=REPO / "results/RNN-T_best_checkpoint.hw.pt",
-        help="hardware checkpoint to decode with (default: results/RNN-T_best_checkpoint.hw.pt)",
-    )
-    parser.add_argument(
-        "--val_manifests",
-        nargs="+",
-        default=[str(REPO / "datasets/demo/dev.json")],
-        help="manifests to decode (default: datasets/demo/dev.json)",
-    )
-    parser.add_argument(
-        "--dataset_dir", type=Path, default=None, help="default: the first manifest's directory"
-    )
-    parser.add_argument(
-        "--num_utterances", type=int, default=None, help="only the first N utterances (default: all)"
-    )
+    add_dev_set_args(parser)
     parser.add_argument(
         "--val_batch_size", type=int, default=8, help="utterances decoded together (default: 8)"
     )
@@ -72,8 +52,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    dataset_dir = args.dataset_dir or Path(args.val_manifests[0]).parent
-    entries = read_manifests(args.val_manifests, dataset_dir)[: args.num_utterances]
+    entries, dataset_dir = dev_entries(args)
     target = load_for_validation(args.ckpt, REPO / "training/configs/demo.yaml", device)
     dataset = AudioDataset(entries, dataset_dir, target.sample_rate, **target.text)
     batches = list(DataLoader(dataset, batch_size=args.val_batch_size, collate_fn=collate))

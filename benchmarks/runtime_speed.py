@@ -34,46 +34,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dev_set import add_dev_set_args, dev_entries
 
 from caiman_asr_train.core.decoder import greedy_decode
 from caiman_asr_train.core.load_hw import load_hw_checkpoint
 from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
-from caiman_asr_train.data.manifest import audio_path, read_manifests
+from caiman_asr_train.data.manifest import audio_path
 from caiman_asr_train.data.tokenizer import Tokenizer
 from caiman_asr_train.deploy.onnxruntime_bundle import FINAL_PADDING_SECS
 from caiman_asr_train.export.inference import export_inference
 from caiman_asr_train.runtime import Recognizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STREAM_PIECE_SECS = 0.06
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--ckpt",
-        type=Path,
-        default=REPO_ROOT / "results/RNN-T_best_checkpoint.hw.pt",
-        help="hardware checkpoint to compare (default: results/RNN-T_best_checkpoint.hw.pt)",
-    )
+    add_dev_set_args(parser)
     parser.add_argument(
         "--bundle_dir",
         type=Path,
         default=None,
         help="its ONNX Runtime bundle (default: export one to a temp dir)",
-    )
-    parser.add_argument(
-        "--val_manifests",
-        nargs="+",
-        default=[str(REPO_ROOT / "datasets/demo/dev.json")],
-        help="manifests to decode (default: datasets/demo/dev.json)",
-    )
-    parser.add_argument(
-        "--dataset_dir", type=Path, default=None, help="audio root (default: the first manifest's directory)"
-    )
-    parser.add_argument(
-        "--num_utterances", type=int, default=None, help="first N utterances only (default: all)"
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both runtimes (default: 2)")
     parser.add_argument(
@@ -124,8 +107,7 @@ def concurrently(fn, items: list, workers: int) -> list:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    dataset_dir = args.dataset_dir or Path(args.val_manifests[0]).parent
-    entries = read_manifests(args.val_manifests, dataset_dir)[: args.num_utterances]
+    entries, dataset_dir = dev_entries(args)
     with tempfile.TemporaryDirectory() as scratch:
         bundle_dir = args.bundle_dir
         if bundle_dir is None:
