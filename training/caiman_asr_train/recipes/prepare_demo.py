@@ -59,7 +59,7 @@ TRAIN_MANIFEST = "train.json"
 # and so do sentences heard less often: after 2,000 steps of 16, 12,000
 # sentences reach 8.3% dev WER where 6,000 reach 11.2%. The extra 6,000 take
 # about 45 s to synthesise; the shorter schedule they allow (train.sh) saves
-# about 200 s of training.
+# about 150 s of training.
 DEFAULT_VOCAB_SIZE = 40
 DEFAULT_NUM_TRAIN = 12000
 DEFAULT_NGRAM_ORDER = 4
@@ -183,7 +183,7 @@ def prepare_demo(
         entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
         # Evenly spaced utterances, at most STATS_FILES: the statistics of a few hours of the
         # corpus's voices are those of all of it, at a fraction of the time.
-        entries = entries[:: math.ceil(len(entries) / STATS_FILES)]
+        entries = entries[:: max(1, math.ceil(len(entries) / STATS_FILES))]
         means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
         save_mel_stats(stats_dir, means, variances, frames)
 

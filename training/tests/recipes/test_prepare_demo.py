@@ -15,6 +15,7 @@ import pytest
 import soundfile
 import torch
 
+from caiman_asr_train.core.errors import DataError
 from caiman_asr_train.core.features import load_mel_stats
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
@@ -142,3 +143,15 @@ def test_statistics_come_from_at_most_stats_files_evenly_spaced_utterances(demo,
     expected = compute_mel_stats(entries[::3], root, features, progress=False)
     assert float(frames[0]) == expected[2] < float(all_frames[0])
     torch.testing.assert_close(means, expected[0].to(means.dtype))
+
+
+def test_an_empty_training_manifest_is_a_one_line_data_error(demo, monkeypatch):
+    root, run = demo
+
+    def empty_corpus(dataset_dir, num_train: int = 0, progress: bool = True) -> dict:
+        write_manifest([], Path(dataset_dir) / "train.json")
+        return {"complete": True}
+
+    monkeypatch.setattr(prepare_demo_module, "make_demo_corpus", empty_corpus)
+    with pytest.raises(DataError, match="no feature frames in 0 manifest entries"):
+        run()
