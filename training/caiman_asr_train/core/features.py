@@ -151,10 +151,11 @@ class FilterbankFeatures(nn.Module):
     bin's phase, not its power); Slaney mel filterbank; ``ln(max(x, 1e-20))``.
 
     Pre-emphasis, spectrum, mel projection and log are computed in float64 (unless
-    ``compute_dtype`` says float32) and the result returned in the audio's dtype: the log turns tiny absolute rounding errors in
-    low-energy bins (after pre-emphasis, the lowest mel bins of speech) into
-    large ones, and float32 there drifts ~2e-4 from the exact value. The extra
-    cost is small next to the acoustic model.
+    ``compute_dtype`` says float32) and the result returned in the audio's dtype:
+    the log turns tiny absolute rounding errors in low-energy bins (after
+    pre-emphasis, the lowest mel bins of speech) into large ones, and float32
+    there drifts ~2e-4 from the exact value. The extra cost is small next to the
+    acoustic model.
 
     Args:
         sample_rate: Hz.

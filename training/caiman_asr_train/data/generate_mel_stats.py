@@ -71,7 +71,7 @@ def compute_mel_stats(
         (manifest_entries[i : i + _CHUNK], str(dataset_dir), features)
         for i in range(0, len(manifest_entries), _CHUNK)
     ]
-    total = _Moments(0, torch.zeros(n_filt, dtype=torch.float64), torch.zeros(n_filt, dtype=torch.float64))
+    total = _Moments.empty(n_filt)
     with tqdm(total=len(manifest_entries), desc="mel statistics", unit="file", disable=not progress) as bar:
         for done, part in _map_chunks(chunks, workers or available_cores()):
             total = total.merge(part)
@@ -93,6 +93,11 @@ class _Moments(NamedTuple):
     mean: torch.Tensor
     sq_dev: torch.Tensor
 
+    @classmethod
+    def empty(cls, n_filt: int) -> "_Moments":
+        """The moments of no frames."""
+        return cls(0, torch.zeros(n_filt, dtype=torch.float64), torch.zeros(n_filt, dtype=torch.float64))
+
     def merge(self, other: "_Moments") -> "_Moments":
         """The moments of both sets together (Chan et al.'s pairwise update)."""
         if other.count == 0:
@@ -113,8 +118,7 @@ def _chunk_moments(task: tuple) -> tuple[int, _Moments]:
     # several, a busy 2-core machine runs them ~10x slower.
     torch.set_num_threads(1)
     filterbank = FilterbankFeatures(**features)
-    n_filt = filterbank.n_filt
-    moments = _Moments(0, torch.zeros(n_filt, dtype=torch.float64), torch.zeros(n_filt, dtype=torch.float64))
+    moments = _Moments.empty(filterbank.n_filt)
     for entry in entries:
         audio = torch.from_numpy(load_audio(audio_path(entry, dataset_dir), filterbank.sample_rate))
         logmel, lens = filterbank(audio[None], torch.tensor([audio.numel()]))
