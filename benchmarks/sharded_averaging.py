@@ -16,8 +16,9 @@ averages the first N (N = 2 and 5) in a fresh Python process each time and print
                    same for every N. The RSS before the averaging is the interpreter's baseline,
                    taken after a warm-up average of two tiny checkpoints (libraries imported and
                    initialised).
-    time ratio   = averaging time / (N x the time to read one checkpoint); target <= 1.5. The read
-                   uses the reader the averaging uses: every stored chunk's elements read with
+    time ratio   = averaging time / (N x the time to read one checkpoint); target <= 1.5. The
+                   time to read one is the mean over the N inputs, each read on its own, with
+                   the reader the averaging uses: every stored chunk's elements read with
                    ``os.preadv`` into a buffer of its own (zarr: the raw chunk files; DCP: the
                    elements ``sharded_distcp.locate`` finds in the ``.distcp`` items). Both are
                    measured from the same page-cache state:
@@ -150,6 +151,23 @@ def read_one(path: Path, fmt: str) -> float:
         finally:
             os.close(fd)
     return time.perf_counter() - start
+
+
+def mean_read(paths: list[Path], fmt: str, cache: str) -> float:
+    """Seconds to read one checkpoint: the mean over ``paths`` (each input read from the given cache state).
+
+    warm: each is read once to bring it into the page cache, then timed as the best of 3 reads;
+    cold: each is evicted from the page cache and read once.
+    """
+    seconds = []
+    for path in paths:
+        if cache == "warm":
+            read_one(path, fmt)
+            seconds.append(min(read_one(path, fmt) for _ in range(3)))
+        else:
+            evict([path])
+            seconds.append(read_one(path, fmt))
+    return sum(seconds) / len(seconds)
 
 
 def stored_chunks(path: Path, fmt: str) -> list[tuple[Path, int, int]]:
@@ -287,13 +305,7 @@ def main() -> None:
             for cache in args.caches:
                 for n in args.counts:
                     for _ in range(args.repeats):
-                        if cache == "warm":
-                            for path in paths[:n]:
-                                read_one(path, fmt)
-                            read = min(read_one(paths[0], fmt) for _ in range(3))
-                        else:
-                            evict(paths[:1])
-                            read = read_one(paths[0], fmt)
+                        read = mean_read(paths[:n], fmt, cache)
                         copy = copy_one(paths[0], root, evict_first=cache == "cold")
                         output = root / f"averaged-{n}"
                         if cache == "cold":
