@@ -52,7 +52,7 @@ PathLike = Union[str, os.PathLike]
 # Bump when the grammar's code or the synthesis changes, so that an old corpus
 # is not mistaken for a complete new one (the grammar's data files are
 # fingerprinted by their hash).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def default_output_dir() -> Path:

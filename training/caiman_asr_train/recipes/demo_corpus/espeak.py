@@ -26,7 +26,7 @@ SAMPLE_RATE = 16000
 # A few speakers rather than hundreds: the demo must train to a low WER in
 # minutes on two CPU cores, and each extra accent or synthesiser is another
 # pronunciation of every word for the model to learn. Two accents times six
-# voice variants, with moderate speeds and pitches, still give the model
+# voice variants, with moderate pitches, still give the model
 # several voices to generalise over (the dev set uses the same speakers).
 _VOICES = ["en-us", "en"]
 _VARIANTS = ["", "m1", "m3", "f1", "f2", "f4"]
@@ -163,14 +163,19 @@ def speaker_settings(seed: int, split: str, index: int) -> dict:
     """Voice, speed, pitch and recording conditions of one utterance, fixed by its seed."""
     rng = random.Random(f"{seed}:{split}:{index}")
     variant = rng.choice(_VARIANTS)
+    # Brisk speech and short pauses: the encoder's cost grows with the frames an utterance
+    # has, and silence teaches the model little. 175-215 words per minute with 0.03-0.15 s of
+    # silence at each end make the training audio 19% shorter (1.74 s an utterance, against
+    # 2.14 s at 150-190 and 0.05-0.3 s), and the demo trained 18% more steps per second to a
+    # dev WER as low (5.9% against 6.0% after its 2,600 steps; 7.3% against 8.4% after 1,950).
     return {
         "voice": rng.choice(_VOICES) + (f"+{variant}" if variant else ""),
-        "rate": rng.randint(150, 190),  # words per minute
+        "rate": rng.randint(175, 215),  # words per minute
         "pitch": rng.randint(35, 65),  # 0..99, 50 is the voice's normal pitch
         "pitch_range": rng.randint(40, 80),  # 0 is a monotone
         "peak": rng.uniform(0.3, 0.95),  # peak amplitude, full scale = 1
-        "lead_silence": rng.uniform(0.05, 0.3),  # seconds
-        "trail_silence": rng.uniform(0.05, 0.3),  # seconds
+        "lead_silence": rng.uniform(0.03, 0.15),  # seconds
+        "trail_silence": rng.uniform(0.03, 0.15),  # seconds
         # Background noise, full scale = 1: at most ~5 LSB of 16-bit audio, so
         # that FLAC still compresses well.
         "noise_std": 10 ** rng.uniform(-5.0, -3.8),
