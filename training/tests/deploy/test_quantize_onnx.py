@@ -7,10 +7,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import soundfile
 from onnx import TensorProto
 
 from caiman_asr_train.core.errors import ExportError, UserError
-from caiman_asr_train.data.manifest import read_manifest, write_manifest
+from caiman_asr_train.data.manifest import manifest_entry, read_manifest, write_manifest
 from caiman_asr_train.deploy.onnxruntime_bundle import write_graphs
 from caiman_asr_train.deploy.quantize import MODEL_GRAPHS, QUANTIZE_TYPES, quantize_onnx_bundle
 from caiman_asr_train.deploy.quantize_onnx import DEQUANTIZE_OPSET, at_least_opset, weight_inputs
@@ -145,10 +146,16 @@ def test_a_bundle_without_its_graphs_or_of_another_target_is_refused(tmp_path):
 
 @pytest.fixture
 def self_transcribed(hw_path, speech, tmp_path):
-    """A manifest of the speech whose references are the float model's own transcripts: float WER is 0."""
+    """A manifest whose references are the float model's own transcripts (float WER is 0): the speech
+    and, as one long utterance, all of it twice over. The seeded model is untrained and emits nearly
+    the same piece on every frame, so damaging quantization shows only over many frames."""
     transcribe = pytorch_transcriber(hw_path)
     entries = read_manifest(speech.manifest)
-    for entry, audio in zip(entries, speech.audio):
+    everything = np.concatenate(speech.audio * 2)
+    soundfile.write(speech.dir / "audio/everything.flac", everything, 16000, subtype="PCM_16")
+    entries.append(manifest_entry("", "audio/everything.flac", len(everything)))
+    everything = soundfile.read(speech.dir / "audio/everything.flac", dtype="float32")[0]
+    for entry, audio in zip(entries, [*speech.audio, everything]):
         entry["transcript"] = transcribe(audio)
     write_manifest(entries, speech.dir / "self_transcribed.json")
     return speech.dir / "self_transcribed.json"
