@@ -76,7 +76,11 @@ def launch_local_processes(num_procs: int, argv: Sequence[str]) -> int:
     """Run this training command as ``num_procs`` ranks; return the job's exit status.
 
     0 when every rank succeeded; the status of the first rank that failed
-    otherwise; 128 + signal number when the ranks stopped on a forwarded signal.
+    otherwise; 128 + signal number when the ranks stopped on a forwarded signal,
+    and always after a second one: "exit now" ends the ranks wherever they are,
+    and a rank whose peer exits first fails in its collective (a gloo
+    "Connection reset by peer") before its own handler runs; that failure is
+    the requested exit, not an error of the job.
     """
     command = _command(argv)
     error_dir = Path(tempfile.mkdtemp(prefix="caiman_rank_errors."))
@@ -84,8 +88,10 @@ def launch_local_processes(num_procs: int, argv: Sequence[str]) -> int:
     print(f"launching {num_procs} processes: {' '.join(command)}", flush=True)
     procs: list[subprocess.Popen] = []
     previous = {}
+    forwarded: list[int] = []
 
     def forward(signum: int, frame: Optional[FrameType]) -> None:
+        forwarded.append(signum)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -109,6 +115,8 @@ def launch_local_processes(num_procs: int, argv: Sequence[str]) -> int:
                 subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
             )
         status = _wait_all(procs)
+        if len(forwarded) >= 2:
+            status = 128 + int(forwarded[-1])
     finally:
         for proc in procs:  # only reached with live ranks if the launcher itself failed
             if proc.poll() is None:
