@@ -19,9 +19,9 @@ set -euo pipefail
 # decay from step 1200 on, and an EMA short enough to forget the early weights.
 # Global batches of 16 learn more per utterance than 32 (11.2% dev WER after
 # 32,000 utterances vs 12.7% after 38,400 with batch 32). On the 12,000-sentence
-# corpus these 2,600 steps reach 4.7% (1,950 steps: 7.0%); with speed
-# perturbation (which demo.yaml no longer has) 2,400 steps with the decay from
-# step 1,000 reached 6.5%; on 6,000 sentences it took 3,600
+# corpus these 2,600 steps reach 4.7% (1,950 steps: 7.0%), and 2,200 steps with
+# the decay from step 1,000 (half-life 300) reached only 6.5%, too close to the
+# demo's 6.5% goal for a 1,296-word dev set; on 6,000 sentences it took 3,600
 # steps to reach 5.4-6.2%, and 2,200 reached 10.4%. Four
 # validations (each costs a score of steps' time), each with a step checkpoint,
 # so that the README's top-3 and last-3 averaging examples have three to pick.
