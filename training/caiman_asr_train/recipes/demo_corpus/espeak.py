@@ -166,7 +166,7 @@ def speaker_settings(seed: int, split: str, index: int) -> dict:
     # Brisk speech and short pauses: the encoder's cost grows with the frames an utterance
     # has, and silence teaches the model little. 175-215 words per minute with 0.03-0.15 s of
     # silence at each end make the training audio 19% shorter (1.74 s an utterance, against
-    # 2.14 s at 150-190 and 0.05-0.3 s), and the demo trained 18% more steps per second to a
+    # 2.14 s at 150-190 and 0.05-0.3 s), and the demo trained 15% more steps per second to a
     # dev WER as low (5.9% against 6.0% after its 2,600 steps; 7.3% against 8.4% after 1,950).
     return {
         "voice": rng.choice(_VOICES) + (f"+{variant}" if variant else ""),
