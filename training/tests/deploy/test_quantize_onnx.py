@@ -151,11 +151,11 @@ def self_transcribed(hw_path, speech, tmp_path):
     the same piece on every frame, so damaging quantization shows only over many frames."""
     transcribe = pytorch_transcriber(hw_path)
     entries = read_manifest(speech.manifest)
-    everything = np.concatenate(speech.audio * 2)
-    soundfile.write(speech.dir / "audio/everything.flac", everything, 16000, subtype="PCM_16")
-    entries.append(manifest_entry("", "audio/everything.flac", len(everything)))
-    everything = soundfile.read(speech.dir / "audio/everything.flac", dtype="float32")[0]
-    for entry, audio in zip(entries, [*speech.audio, everything]):
+    long_path = speech.dir / "audio/everything.flac"
+    soundfile.write(long_path, np.concatenate(speech.audio * 2), 16000, subtype="PCM_16")
+    long_audio = soundfile.read(long_path, dtype="float32")[0]  # what a reader of the FLAC gets back
+    entries.append(manifest_entry("", "audio/everything.flac", len(long_audio)))
+    for entry, audio in zip(entries, [*speech.audio, long_audio]):
         entry["transcript"] = transcribe(audio)
     write_manifest(entries, speech.dir / "self_transcribed.json")
     return speech.dir / "self_transcribed.json"
