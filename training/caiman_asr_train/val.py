@@ -51,6 +51,7 @@ from caiman_asr_train.runtime.evaluate import evaluate_bundle
 from caiman_asr_train.train_utils.checkpoints import Validatable, decoder_for, dev_loader, load_for_validation
 from caiman_asr_train.utils.atomic import atomic_write_bytes
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.cores import keep_freed_heap
 from caiman_asr_train.utils.paths import REPO_ROOT
 
 DEFAULT_VAL_MANIFEST = "datasets/demo/dev.json"
@@ -200,6 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     _check_args(args)
     device = _device(args.device)
+    if device.type == "cpu":
+        keep_freed_heap()
     model_config = args.model_config
     manifests = args.val_manifests or [str(REPO_ROOT / DEFAULT_VAL_MANIFEST)]
     shown_manifests = " ".join(args.val_manifests or [DEFAULT_VAL_MANIFEST])

