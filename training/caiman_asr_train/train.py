@@ -43,8 +43,9 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ConfigError, UserError
 from caiman_asr_train.data.dataset import AudioDataset
+from caiman_asr_train.data.feature_cache import FeatureCache, check_covers
 from caiman_asr_train.data.features import SpeedPerturbation, norm_weight
 from caiman_asr_train.data.sampler import BucketingSampler
 from caiman_asr_train.evaluate.decoding import build_decoder, encoder_frame_seconds
@@ -81,7 +82,7 @@ from caiman_asr_train.train_utils.signals import PreemptionHandler
 from caiman_asr_train.train_utils.validation import Validator
 from caiman_asr_train.utils.atomic import atomic_write
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.utils.cores import available_cores
+from caiman_asr_train.utils.cores import available_cores, keep_freed_heap
 from caiman_asr_train.utils.paths import REPO_ROOT
 
 MODEL_NAME = "RNN-T"
@@ -153,6 +154,7 @@ class Trainer:
         self.device = pick_device(args.device, info)
         if self.device.type == "cpu":
             set_cpu_threads(args, info)
+            keep_freed_heap()
         self.amp = self.device.type == "cuda" and not args.no_amp
         self.output_dir = Path(args.output_dir)
         self.config_path = Path(args.model_config)
@@ -239,6 +241,15 @@ class Trainer:
             **text_settings(self.cfg, "train"),
         )
         speed = SpeedPerturbation(**inp["speed_perturbation"]) if inp["speed_perturbation"] else None
+        cache = None
+        if args.feature_cache:
+            if speed is not None:
+                raise ConfigError(
+                    f"--feature_cache: {self.config_path} sets input_train.speed_perturbation, which changes "
+                    "the log-mels every epoch; remove it from the config or train without --feature_cache"
+                )
+            cache = FeatureCache(args.feature_cache, inp["filterbank_features"])
+            check_covers(cache, entries)
         sampler = BucketingSampler(
             dataset.durations,
             local_batch_size(args, self.dist.world_size),
@@ -247,7 +258,7 @@ class Trainer:
             self.dist.rank,
             self.dist.world_size,
         )
-        return TrainItems(dataset, speed), sampler
+        return TrainItems(dataset, speed, cache), sampler
 
     def _build_validator(self) -> Validator:
         """WER (``--decoder``) on this process's share of the dev manifests, shortest utterances first."""
@@ -380,9 +391,14 @@ class Trainer:
             features_gen = generator(
                 derive_seed(args.seed, Purpose.FEATURES, step, self.dist.rank, micro), self.device
             )
-            x, x_lens = self.train_pipeline(
-                batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen
-            )
+            if batch.logmel is not None:
+                x, x_lens = self.train_pipeline.from_logmel(
+                    batch.logmel, batch.logmel_lens, norm_weight=weight, generator=features_gen
+                )
+            else:
+                x, x_lens = self.train_pipeline(
+                    batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen
+                )
             torch.manual_seed(derive_seed(args.seed, Purpose.DROPOUT, step, self.dist.rank, micro))
             sync = self.dist.distributed and micro < accumulate - 1
             with self.loss_module.no_sync() if sync else contextlib.nullcontext():

@@ -25,15 +25,17 @@ import torch
 
 from caiman_asr_train import train, val
 from caiman_asr_train.core.decoder import greedy_decode
-from caiman_asr_train.core.errors import UserError
+from caiman_asr_train.core.errors import ConfigError, UserError
 from caiman_asr_train.core.load_hw import load_hw_checkpoint, read_checkpoint
 from caiman_asr_train.data.dataset import collate
+from caiman_asr_train.data.feature_cache import build_feature_cache
 from caiman_asr_train.data.features import FeaturePipeline, pad_audio
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats, save_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.spm.spm_from_json import train_sentencepiece
 from caiman_asr_train.export.hardware_ckpt import inference_only_config
 from caiman_asr_train.rnnt import config
+from caiman_asr_train.train_utils.batches import TrainBatches
 from caiman_asr_train.train_utils.distributed import DistInfo
 
 pytestmark = pytest.mark.filterwarnings("ignore:the EMA weights match no FPGA")
@@ -485,3 +487,37 @@ def test_help_shows_the_values_the_other_arguments_give(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "peak learning rate (default: 0.25)" in out
     assert "export hardware checkpoints without the config's n-gram (default: True)" in out
+
+
+def test_feature_cache_trains_as_the_audio_does_and_refuses_speed_perturbation(corpus, tmp_path):
+    cfg = config.load(corpus.config)
+    features = config.input(cfg, "train")["filterbank_features"]
+    cache = tmp_path / "features"
+    build_feature_cache(corpus.manifests["train"], corpus.root, features, cache, workers=1, progress=False)
+    with pytest.raises(ConfigError, match="sets input_train.speed_perturbation"):
+        _trainer(corpus, tmp_path / "refused", "--feature_cache", str(cache))
+
+    # The same corpus without speed perturbation and dither: the cache's log-mels
+    # are then the audio's, to float16 rounding.
+    text = corpus.config.read_text()
+    line = "    speed_perturbation: {min_rate: 0.9, max_rate: 1.1, p: 0.5}\n"
+    assert line in text
+    text = text.replace(line, "")
+    assert "dither: 0.00001" in text
+    plain_config = corpus.root / "plain.yaml"
+    plain_config.write_text(text.replace("dither: 0.00001", "dither: 0.0"))
+    plain = SimpleNamespace(**{**vars(corpus), "config": plain_config})
+    undithered = config.input(config.load(plain_config), "train")["filterbank_features"]
+    build_feature_cache(corpus.manifests["train"], corpus.root, undithered, cache, workers=1, progress=False)
+
+    # One step each, from the same initial weights and seeds: the same loss and
+    # gradient norm to float16 rounding, and the same audio seconds.
+    results = []
+    for name, extra in (("audio", ()), ("cached", ("--feature_cache", str(cache)))):
+        trainer = _trainer(plain, tmp_path / name, "--training_steps", "1", *extra)
+        with TrainBatches(trainer.train_items, trainer.sampler, 0, 1, 0, 0) as batches:
+            results.append(trainer.train_step(batches))
+    (loss_a, norm_a, secs_a), (loss_b, norm_b, secs_b) = results
+    assert secs_a == secs_b > 0
+    assert loss_b == pytest.approx(loss_a, rel=1e-3) and norm_b == pytest.approx(norm_a, rel=1e-2)
+    assert (loss_a, norm_a) != (loss_b, norm_b), "the cached run should not have read the audio"

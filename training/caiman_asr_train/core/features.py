@@ -501,6 +501,25 @@ class InferenceFrontEnd(nn.Module):
             x_lens: int64 [B], valid output frames per utterance.
         """
         x, lens = self.filterbank(audio, audio_lens, generator=generator)
+        return self.from_logmel(x, lens, norm_weight, generator)
+
+    @torch.no_grad()
+    def from_logmel(
+        self,
+        x: torch.Tensor,
+        lens: torch.Tensor,
+        norm_weight: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``forward`` does after the filterbank, to log-mels computed before (``data.feature_cache``).
+
+        Args:
+            x: float [B, n_filt, T] log-mels, zero past each length.
+            lens: int [B], frames per utterance.
+            norm_weight, generator: as for ``forward``.
+        Returns:
+            as ``forward``.
+        """
         x = normalize(x, lens, self.melmeans, self.melvars, norm_weight)
         x = self._augment(x, lens, generator)
         x, lens = splice_frames(x, lens, self.stacking, self.subsampling)

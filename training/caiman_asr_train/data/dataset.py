@@ -114,15 +114,13 @@ class AudioDataset(Dataset):
         audio = load_audio(audio_path(entry, self.dataset_dir), self.sample_rate)
         if self.speed_perturbation is not None:
             audio = self.speed_perturbation(audio, self._perturbation_rng())
+        return {"audio": audio, **self.text_item(index), "duration": audio.shape[0] / self.sample_rate}
+
+    def text_item(self, index: int) -> dict:
+        """What ``__getitem__`` returns apart from the audio: ``transcript``, ``tokens`` and ``fname``."""
         transcript = self.transcripts[index]
         tokens = self.tokenizer.tokenize(transcript, sample=self.sample_tokens) if self.tokenizer else []
-        return {
-            "audio": audio,
-            "transcript": transcript,
-            "tokens": tokens,
-            "fname": entry["files"][0]["fname"],
-            "duration": audio.shape[0] / self.sample_rate,
-        }
+        return {"transcript": transcript, "tokens": tokens, "fname": self.entries[index]["files"][0]["fname"]}
 
 
 @dataclass
@@ -130,12 +128,16 @@ class Batch:
     """A padded batch of utterances (B of them).
 
     Attributes:
-        audio: float32 [B, N] waveforms, zero past each length.
+        audio: float32 [B, N] waveforms, zero past each length; [B, 0] when
+            ``logmel`` holds the utterances instead.
         audio_lens: int64 [B], samples per utterance.
         tokens: int64 [B, U] token ids, padded with 0 past each length.
         token_lens: int64 [B], tokens per utterance.
         transcripts: normalised reference texts.
         fnames: audio file names as in the manifest.
+        logmel: float32 [B, n_filt, T] log-mels from a feature cache
+            (``data.feature_cache``), zero past each length, or None.
+        logmel_lens: int64 [B], frames per utterance, or None.
     """
 
     audio: Tensor
@@ -144,44 +146,62 @@ class Batch:
     token_lens: Tensor
     transcripts: list[str]
     fnames: list[str]
+    logmel: Optional[Tensor] = None
+    logmel_lens: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return len(self.fnames)
 
-    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "Batch":
-        """A copy with the tensors on ``device``."""
+    def _map(self, fn) -> "Batch":
         return Batch(
-            audio=self.audio.to(device, non_blocking=non_blocking),
-            audio_lens=self.audio_lens.to(device, non_blocking=non_blocking),
-            tokens=self.tokens.to(device, non_blocking=non_blocking),
-            token_lens=self.token_lens.to(device, non_blocking=non_blocking),
+            audio=fn(self.audio),
+            audio_lens=fn(self.audio_lens),
+            tokens=fn(self.tokens),
+            token_lens=fn(self.token_lens),
             transcripts=self.transcripts,
             fnames=self.fnames,
+            logmel=None if self.logmel is None else fn(self.logmel),
+            logmel_lens=None if self.logmel_lens is None else fn(self.logmel_lens),
         )
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "Batch":
+        """A copy with the tensors on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """Pinned copy; ``DataLoader(pin_memory=True)`` calls this."""
-        return Batch(
-            audio=self.audio.pin_memory(),
-            audio_lens=self.audio_lens.pin_memory(),
-            tokens=self.tokens.pin_memory(),
-            token_lens=self.token_lens.pin_memory(),
-            transcripts=self.transcripts,
-            fnames=self.fnames,
-        )
+        return self._map(lambda t: t.pin_memory())
 
 
 def collate(items: Sequence[dict]) -> Batch:
-    """Pad ``AudioDataset`` items into a ``Batch`` (audio with 0.0, tokens with id 0)."""
+    """Pad ``AudioDataset`` items into a ``Batch`` (audio with 0.0, tokens with id 0).
+
+    Items with ``logmel`` (float16 ``[frames, n_filt]``) and ``samples`` instead
+    of ``audio`` (a feature cache's) make a batch of log-mels.
+    """
     if not items:
         raise ValueError("collate: empty list of items")
-    audio_lens = torch.tensor([item["audio"].shape[0] for item in items], dtype=torch.int64)
     token_lens = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.int64)
-    audio = torch.zeros(len(items), int(audio_lens.max()), dtype=torch.float32)
     tokens = torch.zeros(len(items), int(token_lens.max()), dtype=torch.int64)
     for b, item in enumerate(items):
-        audio[b, : audio_lens[b]] = torch.from_numpy(np.asarray(item["audio"], dtype=np.float32))
         tokens[b, : token_lens[b]] = torch.as_tensor(item["tokens"], dtype=torch.int64)
+    logmel = logmel_lens = None
+    if "logmel" in items[0]:
+        audio_lens = torch.tensor([item["samples"] for item in items], dtype=torch.int64)
+        audio = torch.zeros(len(items), 0, dtype=torch.float32)
+        logmel_lens = torch.tensor([item["logmel"].shape[0] for item in items], dtype=torch.int64)
+        logmel = torch.zeros(
+            len(items), items[0]["logmel"].shape[1], int(logmel_lens.max()), dtype=torch.float32
+        )
+        for b, item in enumerate(items):
+            logmel[b, :, : logmel_lens[b]] = torch.from_numpy(
+                np.asarray(item["logmel"], dtype=np.float32)
+            ).t()
+    else:
+        audio_lens = torch.tensor([item["audio"].shape[0] for item in items], dtype=torch.int64)
+        audio = torch.zeros(len(items), int(audio_lens.max()), dtype=torch.float32)
+        for b, item in enumerate(items):
+            audio[b, : audio_lens[b]] = torch.from_numpy(np.asarray(item["audio"], dtype=np.float32))
     return Batch(
         audio=audio,
         audio_lens=audio_lens,
@@ -189,4 +209,6 @@ def collate(items: Sequence[dict]) -> Batch:
         token_lens=token_lens,
         transcripts=[item["transcript"] for item in items],
         fnames=[item["fname"] for item in items],
+        logmel=logmel,
+        logmel_lens=logmel_lens,
     )

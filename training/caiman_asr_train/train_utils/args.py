@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="training manifests (relative to --dataset_dir)",
     )
     io.add_argument(
+        "--feature_cache",
+        default=None,
+        metavar="DIR",
+        help="read the training utterances' log-mels from DIR (made once by python -m "
+        "caiman_asr_train.data.feature_cache) instead of decoding and featurising their audio every "
+        "step; its dither is drawn once per utterance; not with speed perturbation",
+    )
+    io.add_argument(
         "--val_manifests",
         nargs="+",
         default=["dev.json"],

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from caiman_asr_train.data.dataset import AudioDataset, Batch, collate
+from caiman_asr_train.data.feature_cache import FeatureCache
 from caiman_asr_train.data.features import SpeedPerturbation
 from caiman_asr_train.data.manifest import read_manifests
 from caiman_asr_train.data.normalizers import standardize
@@ -50,11 +51,22 @@ class TrainItems(Dataset):
     Speed perturbation and subword sampling draw from generators seeded with
     the key's seed in whichever process loads the item, so the batches of a
     step do not depend on DataLoader workers or on where a run resumed.
+
+    With a ``feature_cache`` the items hold the cached log-mels (``logmel``,
+    ``samples``) instead of audio, which is never read.
     """
 
-    def __init__(self, dataset: AudioDataset, speed_perturbation: Optional[SpeedPerturbation]) -> None:
+    def __init__(
+        self,
+        dataset: AudioDataset,
+        speed_perturbation: Optional[SpeedPerturbation],
+        feature_cache: Optional[FeatureCache] = None,
+    ) -> None:
+        if feature_cache is not None and speed_perturbation is not None:
+            raise ValueError("a feature cache holds unperturbed log-mels: no speed perturbation with it")
         self.dataset = dataset
         self.speed_perturbation = speed_perturbation
+        self.feature_cache = feature_cache
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -62,6 +74,11 @@ class TrainItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
         rng = seed_item_rngs(seed)
+        if self.feature_cache is not None:
+            item = self.dataset.text_item(index)
+            item["logmel"], item["samples"] = self.feature_cache.logmel(item["fname"])
+            item["duration"] = item["samples"] / self.dataset.sample_rate
+            return item
         item = self.dataset[index]
         if self.speed_perturbation is not None:
             item["audio"] = self.speed_perturbation(item["audio"], rng)

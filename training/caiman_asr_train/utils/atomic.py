@@ -40,7 +40,8 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable (best effort: some file systems refuse)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -147,7 +148,7 @@ def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any], durable: 
             raise recording.error from None
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

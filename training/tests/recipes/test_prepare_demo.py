@@ -17,6 +17,7 @@ import torch
 
 from caiman_asr_train.core.errors import DataError
 from caiman_asr_train.core.features import load_mel_stats
+from caiman_asr_train.data.feature_cache import FeatureCache
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.ngram import is_kenlm_binary
@@ -75,10 +76,20 @@ def _verdicts(lines: list[str]) -> dict[str, str]:
 def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     root, run = demo
     timings, lines = run()
-    assert set(timings) == {"corpus", "stats", "spm", "ngram", "total"}
-    assert _verdicts(lines) == {"corpus": "ready", "stats": "made", "spm": "made", "ngram": "made"}
+    assert set(timings) == {"corpus", "stats", "features", "spm", "ngram", "total"}
+    assert _verdicts(lines) == {
+        "corpus": "ready",
+        "stats": "made",
+        "features": "made",
+        "spm": "made",
+        "ngram": "made",
+    }
     melmeans, _, meln = load_mel_stats(root / "stats", 80)
     assert float(meln[0]) > 0
+    entries = prepare_demo_module.read_manifests(["train.json"], root)
+    demo_features = config.input(config.load(root.parents[1] / "training/configs/demo.yaml"), "train")
+    cache = FeatureCache(root / "features", demo_features["filterbank_features"])
+    assert cache.missing([e["files"][0]["fname"] for e in entries]) == []
     tokenizer = Tokenizer(root / "spm" / "demo.model")
     # Normalised as the config says: lower case, no capital letters.
     assert tokenizer.pieces("the cat")[0] == "\u2581the"
@@ -92,6 +103,7 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     assert _verdicts(lines) == {
         "corpus": "ready",
         "stats": "up to date",
+        "features": "up to date",
         "spm": "up to date",
         "ngram": "up to date",
     }
@@ -108,13 +120,14 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     assert _verdicts(lines) == {
         "corpus": "ready",
         "stats": "up to date",
+        "features": "up to date",
         "spm": "up to date",
         "ngram": "made",
     }
     assert is_kenlm_binary(root / "ngram" / "ngram.binary")
 
 
-def test_a_new_front_end_version_remakes_the_statistics_only(demo, monkeypatch):
+def test_a_new_front_end_version_remakes_the_statistics_and_log_mels_only(demo, monkeypatch):
     root, run = demo
     run()
     before = (root / "stats" / "melmeans.pt").stat().st_mtime_ns
@@ -123,6 +136,7 @@ def test_a_new_front_end_version_remakes_the_statistics_only(demo, monkeypatch):
     assert _verdicts(lines) == {
         "corpus": "ready",
         "stats": "made",
+        "features": "made",
         "spm": "up to date",
         "ngram": "up to date",
     }
@@ -155,3 +169,20 @@ def test_an_empty_training_manifest_is_a_one_line_data_error(demo, monkeypatch):
     monkeypatch.setattr(prepare_demo_module, "make_demo_corpus", empty_corpus)
     with pytest.raises(DataError, match="no feature frames in 0 manifest entries"):
         run()
+
+
+def test_speed_perturbation_in_the_config_means_no_log_mel_cache(demo):
+    root, run = demo
+    run()
+    assert (root / "features" / "index.json").is_file()
+    config_path = root.parents[1] / "training/configs/demo.yaml"
+    anchor = "    min_duration: 0.05\n"
+    text = config_path.read_text()
+    assert anchor in text
+    config_path.write_text(
+        text.replace(anchor, anchor + "    speed_perturbation: {min_rate: 0.9, max_rate: 1.1}\n")
+    )
+    timings, lines = run()
+    # the stale cache is gone: train.sh passes --feature_cache only when it exists
+    assert "features" not in timings and "features" not in _verdicts(lines)
+    assert not (root / "features").exists()
