@@ -12,7 +12,7 @@
 #
 # Environment: PY (Python whose pip downloads the source; default python3),
 # KENLM_VERSION (the PyPI kenlm release; default 0.3.0), KENLM_JOBS (parallel
-# compile jobs; default 2).
+# compile jobs; default 2), KENLM_CXXFLAGS (compiler flags; default -O1 -DNDEBUG).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -134,8 +134,12 @@ src="$work/$(basename "$sdist" .tar.gz)"
 
 log "compiling lmplz and build_binary from $(basename "$sdist") (about a minute on 2 cores)"
 # Interpolation (Eigen), tests and Python bindings are not needed for the two tools.
-cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DENABLE_INTERPOLATE=OFF \
-    -DCOMPILE_TESTS=OFF -DENABLE_PYTHON=OFF >>"$build_log" 2>&1 || fail "cmake configuration failed"
+# -O1 instead of the Release build's -O3: 22% less compile CPU (92 s against
+# 119 s here), and lmplz and build_binary ran as fast (4-grams of 21M words:
+# 12.1-13.2 s against 11.9-14.6 s). KENLM_CXXFLAGS overrides it.
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CXX_FLAGS_RELEASE="${KENLM_CXXFLAGS:--O1 -DNDEBUG}" -DCMAKE_C_FLAGS_RELEASE="${KENLM_CXXFLAGS:--O1 -DNDEBUG}" \
+    -DENABLE_INTERPOLATE=OFF -DCOMPILE_TESTS=OFF -DENABLE_PYTHON=OFF >>"$build_log" 2>&1 || fail "cmake configuration failed"
 make -C "$work/build" -j"${KENLM_JOBS:-2}" "${targets[@]}" >>"$build_log" 2>&1 || fail "compiling KenLM failed"
 
 mkdir -p "$bin_dir"
