@@ -57,7 +57,6 @@ caiman_bootstrap() {
     if [ ! -x "$_caiman_root/.venv/bin/python" ]; then
         echo "[bootstrap] setting up $_caiman_root/.venv (first run only)" >&2
         "$base_python" -m venv "$_caiman_root/.venv" || { echo "error: could not create $_caiman_root/.venv (on Debian: apt-get install python3-venv)" >&2; return 1; }
-        "$_caiman_root/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     fi
     PY="$_caiman_root/.venv/bin/python"
     export PY
@@ -76,10 +75,25 @@ caiman_bootstrap() {
     # older wheel rather than a newer source release, so set-up never compiles
     # what a wheel provides (the KenLM module comes as the ufal-kenlm wheel;
     # only scripts/build_kenlm.sh compiles, and only KenLM's command-line tools).
+    # --no-compile: pip would byte-compile every file it installs (torch alone
+    # has thousands, most never imported), 30 s of a 2-core machine's first run;
+    # the modules the toolkit imports are compiled below instead.
     local target="$_caiman_root/training${extras:+[$extras]}"
     echo "[bootstrap] installing ${requirements[*]:+${requirements[*]} and }caiman_asr_train${extras:+[$extras]} (editable) with its dependencies" >&2
-    "$PY" -m pip install -q --prefer-binary ${requirements[@]+"${requirements[@]}"} -e "$target" \
+    "$PY" -m pip install -q --no-compile --prefer-binary ${requirements[@]+"${requirements[@]}"} -e "$target" \
         || { echo "error: pip install ${requirements[*]:+${requirements[*]} }-e $target failed" >&2; return 1; }
+    # Write the bytecode of what training and validation import (about 5 s), as
+    # pip would have, even where PYTHONDONTWRITEBYTECODE is set: otherwise every
+    # process that imports torch compiles it again (4 s each).
+    "$PY" - >/dev/null 2>&1 <<'PYEOF' || true
+import importlib, sys
+sys.dont_write_bytecode = False
+for name in ("caiman_asr_train.train", "caiman_asr_train.val"):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # val needs the deploy extra's onnxruntime
+        pass
+PYEOF
     _caiman_has_package "$PY" "$extras" \
         || { echo "error: caiman_asr_train${extras:+[$extras]} still not importable from $PY" >&2; return 1; }
 }
