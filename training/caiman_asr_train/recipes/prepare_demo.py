@@ -74,7 +74,7 @@ TRAIN_MANIFEST = "train.json"
 DEFAULT_VOCAB_SIZE = 40
 DEFAULT_NUM_TRAIN = 12000
 DEFAULT_NGRAM_ORDER = 4
-STATS_FILES = 6000  # utterances the mel statistics are computed from (prepare_demo's make_stats)
+STATS_FILES = 2000  # utterances the mel statistics are computed from (prepare_demo's make_stats)
 FEATURE_CACHE = "features"  # under the dataset directory: the training log-mels (data.feature_cache)
 
 
@@ -193,8 +193,8 @@ def prepare_demo(
 
     def make_stats() -> None:
         entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
-        # Evenly spaced utterances, at most STATS_FILES: the statistics of a few hours of the
-        # corpus's voices are those of all of it, at a fraction of the time.
+        # Evenly spaced utterances, at most STATS_FILES: the statistics of an hour of the
+        # corpus's twelve voices are those of all of it, at a sixth of the time.
         entries = entries[:: max(1, math.ceil(len(entries) / STATS_FILES))]
         means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
         save_mel_stats(stats_dir, means, variances, frames)
@@ -297,7 +297,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    keep_freed_heap()  # the mel statistics featurise 6,000 files
+    keep_freed_heap()  # the mel statistics and the log-mel cache featurise thousands of files
     timings = prepare_demo(
         args.config,
         args.dataset_dir,
