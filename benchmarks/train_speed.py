@@ -11,8 +11,9 @@ runs ``--warmup`` untimed steps. Then, in one run:
 1. ``--steps`` whole steps through ``Trainer.train_step`` (the loop train.py
    runs), for steps per second and audio seconds per second;
 2. ``--steps`` more steps made of the same parts, each part timed on its own:
-   waiting for the DataLoader (audio reading, speed perturbation, padding),
-   features (filterbank, normalisation, augmentation, splicing), encoder,
+   waiting for the DataLoader (audio reading, speed perturbation, padding;
+   with ``--feature_cache``, reading the cached log-mels), features
+   (filterbank, unless cached; normalisation, augmentation, splicing), encoder,
    predictor and joint forward, the transducer loss, backward, the optimizer
    (clipping and the update) and the EMA update;
 3. one validation pass of the EMA model (``Trainer.validate``'s work), shown
@@ -57,7 +58,7 @@ def step_in_parts(trainer: "train.Trainer", batches: "train.TrainBatches", times
     x, x_lens = _timed(
         times,
         "features",
-        lambda: trainer.train_pipeline(batch.audio, batch.audio_lens, norm_weight=trainer.norm_weight()),
+        lambda: trainer.features(batch, trainer.norm_weight()),
     )
     f, f_lens, _ = _timed(times, "encoder", lambda: model.encode(x, x_lens))
     g, _ = _timed(times, "predictor", lambda: model.predict(batch.tokens))

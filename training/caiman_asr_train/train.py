@@ -44,7 +44,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from caiman_asr_train.core.errors import ConfigError, UserError
-from caiman_asr_train.data.dataset import AudioDataset
+from caiman_asr_train.data.dataset import AudioDataset, Batch
 from caiman_asr_train.data.feature_cache import FeatureCache, check_covers
 from caiman_asr_train.data.features import SpeedPerturbation, norm_weight
 from caiman_asr_train.data.sampler import BucketingSampler
@@ -375,6 +375,18 @@ class Trainer:
         self.throughput.pause(time.perf_counter() - start)
         return wer
 
+    def features(
+        self, batch: Batch, norm_weight: float, generator: Optional[torch.Generator] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input of a training batch: from its audio, or from its cached log-mels (``--feature_cache``)."""
+        if batch.logmel is not None:
+            return self.train_pipeline.from_logmel(
+                batch.logmel, batch.logmel_lens, norm_weight=norm_weight, generator=generator
+            )
+        return self.train_pipeline(
+            batch.audio, batch.audio_lens, norm_weight=norm_weight, generator=generator
+        )
+
     def train_step(self, batches: TrainBatches) -> tuple[float, float, float]:
         """One optimizer step over ``grad_accumulation_batches`` micro-batches.
 
@@ -391,14 +403,7 @@ class Trainer:
             features_gen = generator(
                 derive_seed(args.seed, Purpose.FEATURES, step, self.dist.rank, micro), self.device
             )
-            if batch.logmel is not None:
-                x, x_lens = self.train_pipeline.from_logmel(
-                    batch.logmel, batch.logmel_lens, norm_weight=weight, generator=features_gen
-                )
-            else:
-                x, x_lens = self.train_pipeline(
-                    batch.audio, batch.audio_lens, norm_weight=weight, generator=features_gen
-                )
+            x, x_lens = self.features(batch, weight, features_gen)
             torch.manual_seed(derive_seed(args.seed, Purpose.DROPOUT, step, self.dist.rank, micro))
             sync = self.dist.distributed and micro < accumulate - 1
             with self.loss_module.no_sync() if sync else contextlib.nullcontext():
