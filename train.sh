@@ -19,7 +19,8 @@ set -euo pipefail
 # decay from step 1200 on, and an EMA short enough to forget the early weights.
 # Global batches of 16 learn more per utterance than 32 (11.2% dev WER after
 # 32,000 utterances vs 12.7% after 38,400 with batch 32). On the 12,000-sentence
-# corpus these 2,600 steps reach 4.7% (1,950 steps: 7.0%), and 2,200 steps with
+# corpus these 2,600 steps reach 4.7-5.9% (4.7% featurising the audio every step,
+# 5.86% and 5.94% in two runs from the log-mel cache; 1,950 steps: 6.6-9.0%), and 2,200 steps with
 # the decay from step 1,000 (half-life 300) reached only 6.5%, too close to the
 # demo's 6.5% goal for a 1,296-word dev set; on 6,000 sentences it took 3,600
 # steps to reach 5.4-6.2%, and 2,200 reached 10.4%. Four
@@ -74,7 +75,7 @@ if [ "$demo" = 1 ]; then
     data_s=$((SECONDS - started - setup_s))
     extra=("${DEMO_ARGS[@]}")
     # The corpus's log-mels, computed once by prepare_demo.sh (absent when the
-    # config has speed perturbation): 18% less CPU a step than featurising the
+    # config has speed perturbation): 15% less CPU a step than featurising the
     # audio every epoch.
     if [ -f "$root/datasets/demo/features/index.json" ]; then
         extra+=(--feature_cache "$root/datasets/demo/features")

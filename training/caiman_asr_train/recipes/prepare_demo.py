@@ -208,7 +208,7 @@ def prepare_demo(
     )
 
     # Training reads the corpus's log-mels from here (train.sh's --feature_cache) rather
-    # than decoding and featurising every utterance each epoch: 18% of a demo step's CPU.
+    # than decoding and featurising every utterance each epoch: 15% of a demo step's CPU.
     cache_dir = dataset_dir / FEATURE_CACHE
     if config.input(cfg, "train")["speed_perturbation"]:
         # the log-mels would change every epoch: no cache, and none left to be used by mistake
