@@ -208,17 +208,30 @@ class FeatureCache:
                 f"{stored.get(key)!r}, the config has {wanted.get(key)!r}; {fix}"
             )
         self._utterances = {name: tuple(int(v) for v in span) for name, span in utterances.items()}
-        total = sum(span[1] for span in self._utterances.values())
+        self._total = sum(span[1] for span in self._utterances.values())
         path = self.directory / DATA
-        expected = total * self.n_filt * 2
+        expected = self._total * self.n_filt * 2
         size = path.stat().st_size if path.is_file() else -1
         if size != expected:
             raise DataError(
                 f"--feature_cache {self.directory}: {DATA} holds {size} bytes, expected {expected}; {fix}"
             )
-        self._data = (
-            np.memmap(path, dtype=np.float16, mode="r", shape=(total, self.n_filt)) if total else None
+        self._data = self._map()
+
+    def _map(self) -> Optional[np.memmap]:
+        shape = (self._total, self.n_filt)
+        return (
+            np.memmap(self.directory / DATA, dtype=np.float16, mode="r", shape=shape) if self._total else None
         )
+
+    def __getstate__(self) -> dict:
+        # A DataLoader started with "spawn" pickles the dataset: send the index, not the mapped
+        # log-mels (numpy would copy all of them), and map the file again on the other side.
+        return {**self.__dict__, "_data": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._data = self._map()
 
     def missing(self, fnames: Sequence[str]) -> list[str]:
         """Those of ``fnames`` the cache does not hold."""

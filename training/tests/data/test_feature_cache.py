@@ -1,6 +1,7 @@
 """data.feature_cache: log-mels computed once from real audio files, read back by training."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,19 @@ def test_training_items_from_the_cache_featurise_like_the_audio(corpus, tmp_path
     torch.testing.assert_close(x, y, atol=2e-2, rtol=0)  # float16 storage
     with pytest.raises(ValueError, match="speed perturbation"):
         TrainItems(dataset, object(), FeatureCache(tmp_path / "c", undithered))
+
+
+def test_a_pickled_cache_maps_the_file_again_instead_of_copying_it(corpus, tmp_path):
+    root, entries = corpus
+    build_feature_cache(entries, root, FEATURES, tmp_path / "c", workers=1, progress=False)
+    cache = FeatureCache(tmp_path / "c", FEATURES)
+    payload = pickle.dumps(cache)
+    assert len(payload) < (tmp_path / "c" / DATA).stat().st_size
+    copy = pickle.loads(payload)
+    for entry in entries:
+        fname = entry["files"][0]["fname"]
+        np.testing.assert_array_equal(copy.logmel(fname)[0], cache.logmel(fname)[0])
+        assert copy.logmel(fname)[1] == cache.logmel(fname)[1]
 
 
 def test_open_refuses_other_settings_missing_files_and_unfinished_caches(corpus, tmp_path):
