@@ -33,13 +33,12 @@ the log-mels to about 3 significant digits, far finer than training's noise.
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,7 +51,7 @@ from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_write_bytes, fsync_dir
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.utils.cores import available_cores, keep_freed_heap
+from caiman_asr_train.utils.cores import available_cores, keep_freed_heap, map_in_processes
 
 PathLike = Union[str, os.PathLike]
 
@@ -96,17 +95,6 @@ def _featurise(task: tuple) -> list[tuple[str, np.ndarray, int]]:
     return out
 
 
-def _map_chunks(tasks: list[tuple], workers: int) -> Iterator[list[tuple[str, np.ndarray, int]]]:
-    if workers <= 1 or len(tasks) < 2:
-        yield from map(_featurise, tasks)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    # fork: workers inherit the imported modules instead of re-importing torch
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(_featurise, tasks)
-
-
 def build_feature_cache(
     entries: Sequence[dict],
     dataset_dir: PathLike,
@@ -141,7 +129,7 @@ def build_feature_cache(
             open(build / DATA, "wb") as data,
             tqdm(total=len(unique), desc="log-mel cache", unit="utt", disable=not progress) as bar,
         ):
-            for chunk in _map_chunks(tasks, workers or available_cores()):
+            for chunk in map_in_processes(_featurise, tasks, workers or available_cores()):
                 for fname, logmel, samples in chunk:
                     data.write(logmel.tobytes())
                     utterances[fname] = [frames, int(logmel.shape[0]), samples]

@@ -14,9 +14,8 @@ float64; the variance is the population variance.
 """
 
 import argparse
-import multiprocessing
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.utils.atomic import atomic_torch_save
 from caiman_asr_train.utils.cli import run_cli
-from caiman_asr_train.utils.cores import available_cores, keep_freed_heap
+from caiman_asr_train.utils.cores import available_cores, keep_freed_heap, map_in_processes
 
 PathLike = Union[str, Path]
 
@@ -73,7 +72,7 @@ def compute_mel_stats(
     ]
     total = _Moments.empty(n_filt)
     with tqdm(total=len(manifest_entries), desc="mel statistics", unit="file", disable=not progress) as bar:
-        for done, part in _map_chunks(chunks, workers or available_cores()):
+        for done, part in map_in_processes(_chunk_moments, chunks, workers or available_cores()):
             total = total.merge(part)
             bar.update(done)
     if total.count == 0:
@@ -129,22 +128,6 @@ def _chunk_moments(task: tuple) -> tuple[int, _Moments]:
         utt = _Moments(frames.shape[1], utt_mean, (frames - utt_mean[:, None]).square().sum(dim=1))
         moments = moments.merge(utt)
     return len(entries), moments
-
-
-def _map_chunks(chunks: list[tuple], workers: int) -> Iterator[tuple[int, _Moments]]:
-    """``_chunk_moments`` of every chunk, in order; in a pool of ``workers`` processes when > 1."""
-    if workers <= 1 or len(chunks) < 2:
-        threads = torch.get_num_threads()
-        try:
-            yield from map(_chunk_moments, chunks)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    # fork: workers inherit the imported modules instead of re-importing torch.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(min(workers, len(chunks))) as pool:
-        yield from pool.imap(_chunk_moments, chunks)
 
 
 def _check_variances(variances: torch.Tensor, source: str) -> None:

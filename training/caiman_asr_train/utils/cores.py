@@ -1,8 +1,15 @@
-"""The host's CPU resources: how many cores this process may use, and how its C heap behaves."""
+"""The host's CPU resources: how many cores this process may use, spreading work over them, and how its\nC heap behaves."""
 
 import ctypes
 import ctypes.util
+import multiprocessing
 import os
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -48,3 +55,23 @@ def keep_freed_heap() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     )
+
+
+def map_in_processes(fn: Callable[[T], R], tasks: Sequence[T], workers: int) -> Iterator[R]:
+    """``fn`` of every task, in order: in a pool of ``workers`` processes, or here when one would do.
+
+    The pool forks where it can (workers inherit the imported modules instead of
+    re-importing torch). ``fn`` may set torch's thread count for its process;
+    run here, the caller's count is restored afterwards.
+    """
+    if workers <= 1 or len(tasks) < 2:
+        threads = torch.get_num_threads()
+        try:
+            yield from map(fn, tasks)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with context.Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap(fn, tasks)

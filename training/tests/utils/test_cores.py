@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from caiman_asr_train.utils.cores import available_cores
+from caiman_asr_train.utils.cores import available_cores, map_in_processes
 
 # 20 times: allocate and touch four 8 MiB blocks, then free them (as a training
 # step's tensors come and go); print the page faults of the last 19 rounds.
@@ -50,3 +51,20 @@ def test_keep_freed_heap_stops_refaulting_freed_blocks():
 
 def test_available_cores_is_positive():
     assert available_cores() >= 1
+
+
+def _one_thread_square(x: int) -> int:
+    torch.set_num_threads(1)
+    return x * x
+
+
+def test_map_in_processes_keeps_order_and_the_callers_threads():
+    tasks = list(range(7))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert list(map_in_processes(_one_thread_square, tasks, workers=1)) == [x * x for x in tasks]
+        assert torch.get_num_threads() == 2
+        assert list(map_in_processes(_one_thread_square, tasks, workers=2)) == [x * x for x in tasks]
+    finally:
+        torch.set_num_threads(before)
