@@ -49,7 +49,7 @@ from caiman_asr_train.core.features import FilterbankFeatures
 from caiman_asr_train.data.audio import load_audio
 from caiman_asr_train.data.manifest import audio_path, read_manifests
 from caiman_asr_train.rnnt import config
-from caiman_asr_train.utils.atomic import atomic_write_bytes, fsync_dir
+from caiman_asr_train.utils.atomic import atomic_write_bytes, replace_directory
 from caiman_asr_train.utils.cli import run_cli
 from caiman_asr_train.utils.cores import available_cores, keep_freed_heap, map_in_processes
 
@@ -145,12 +145,7 @@ def build_feature_cache(
             "utterances": utterances,
         }
         atomic_write_bytes(build / INDEX, json.dumps(index).encode())  # last: the directory is complete
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        if output_dir.exists():
-            output_dir.rename(old)
-        build.rename(output_dir)
-        fsync_dir(output_dir.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(build, output_dir)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

@@ -49,6 +49,7 @@ from caiman_asr_train.rnnt.config import load as load_config
 from caiman_asr_train.runtime.bundle import read_bundle, write_bundle_json
 from caiman_asr_train.runtime.evaluate import BundleResult, evaluate_transcriber
 from caiman_asr_train.runtime.recognizer import Recognizer
+from caiman_asr_train.utils.atomic import replace_directory
 from caiman_asr_train.utils.cli import run_cli
 from caiman_asr_train.utils.digest import sha256_file
 
@@ -244,17 +245,6 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _move_into_place(built: Path, output_dir: Path) -> None:
-    """Rename the finished directory onto ``output_dir``, replacing an old one only after the new one is complete."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{built.name}")
-        output_dir.rename(old)
-    built.rename(output_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def export_inference(
     source: PathLike,
     target: str,
@@ -320,7 +310,7 @@ def export_inference(
             if target == "onnxruntime":
                 write_bundle_json({**read_bundle(built), "wer": wer}, built)
         files = sorted(p.name for p in built.iterdir())
-        _move_into_place(built, output_dir)
+        replace_directory(built, output_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise

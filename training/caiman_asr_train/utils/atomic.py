@@ -9,6 +9,7 @@ large) raises ``OutputError``: one line naming the path, nothing left behind.
 import errno
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional, Union
@@ -149,6 +150,24 @@ def _write_and_rename(path: Path, write_fn: Callable[[BinaryIO], Any], durable: 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def replace_directory(built: PathLike, target: PathLike) -> None:
+    """Rename the finished directory ``built`` onto ``target`` (a sibling), durably.
+
+    An existing ``target`` is moved aside first and deleted only once ``built``
+    has taken its name, so a reader finds the old directory or the new one,
+    never a mix or nothing with a half-built one in its place.
+    """
+    built, target = Path(built), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{built.name}")
+        target.rename(old)
+    built.rename(target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from caiman_asr_train.core.errors import OutputError
-from caiman_asr_train.utils.atomic import atomic_torch_save, atomic_write, atomic_write_bytes
+from caiman_asr_train.utils.atomic import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    replace_directory,
+)
 
 
 def test_written_file_has_umask_permissions(tmp_path):
@@ -118,3 +123,18 @@ def test_a_full_tmpfs_is_one_line_and_leaves_no_partial_file(tmp_path):
         ):
             atomic_torch_save({"w": torch.ones(1_000_000)}, mount / "big.pt")
         assert list(mount.iterdir()) == []
+
+
+def test_replace_directory_swaps_in_the_built_one_and_leaves_no_sibling(tmp_path):
+    target, built = tmp_path / "out", tmp_path / ".out.partial-1"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    built.mkdir()
+    (built / "new.txt").write_text("new")
+    replace_directory(built, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    fresh = tmp_path / ".out.partial-2"
+    fresh.mkdir()
+    replace_directory(fresh, tmp_path / "other")  # no old directory to move aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
