@@ -31,6 +31,9 @@ UNK_POLICIES = ("fail", "warn")
 # of the subword-regularisation paper and SentencePiece's documentation.
 DEFAULT_SAMPLING_ALPHA = 0.1
 
+# Words whose best segmentation a Tokenizer remembers (a few MB at most).
+_BEST_CACHE_WORDS = 1 << 17
+
 _MAKE_MODEL = "make one with python -m caiman_asr_train.data.spm.spm_from_json"
 
 
@@ -102,17 +105,22 @@ class Tokenizer:
         self.unk = unk
         self._unk_id = self._sp.unk_id()
         self._warned_unk = False
+        # word -> ids of its best segmentation; training tokenizes every
+        # transcript again each epoch, and SentencePiece's encode is most of
+        # a cached item's loading time
+        self._best: dict[str, list[int]] = {}
 
     # Pickled as the model bytes, so DataLoader workers (fork or spawn) get
     # their own processor.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        del state["_sp"]
+        del state["_sp"], state["_best"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._sp = _load(self._model, self.source)
+        self._best = {}
 
     @property
     def num_labels(self) -> int:
@@ -129,7 +137,12 @@ class Tokenizer:
         # workers reseed it, so each worker samples differently.
         if sample and self.sampling > 0.0 and random.random() < self.sampling:
             return self._sp.encode(word, enable_sampling=True, alpha=self.sampling_alpha, nbest_size=-1)
-        return self._sp.encode(word)
+        ids = self._best.get(word)
+        if ids is None:
+            ids = self._sp.encode(word)
+            if len(self._best) < _BEST_CACHE_WORDS:
+                self._best[word] = ids
+        return ids
 
     def tokenize(self, transcript: str, sample: bool = False) -> list[int]:
         """Token ids of ``transcript``, encoded word by word (split on whitespace).

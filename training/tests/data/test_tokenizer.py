@@ -53,6 +53,22 @@ def test_encodes_word_by_word(tokenizer, model_path):
     assert tokenizer.tokenize("  the cat\tsat under  the yellow window ") == expected
 
 
+def test_words_seen_before_get_the_same_ids(tokenizer, model_path):
+    # Training tokenizes every transcript once an epoch: the second and later
+    # encodings of a word (remembered) must be SentencePiece's, whatever a
+    # caller did with an earlier result, and an unknown character still fails.
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    sentence = "the cat sat on the table and the cat ran"
+    expected = [i for word in sentence.split() for i in sp.encode(word)]
+    first = tokenizer.tokenize(sentence)
+    assert first == expected
+    first.clear()
+    for _ in range(2):
+        assert tokenizer.tokenize(sentence) == expected
+        with pytest.raises(TokenizerError):
+            tokenizer.tokenize("the cat sat in the caf\u00e9")
+
+
 def test_pieces_are_the_piece_strings_of_the_ids(tokenizer, model_path):
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     sentence = "the dog ran under the table"
