@@ -14,9 +14,14 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     """
     model = getattr(model, "module", model)
     ema_state = ema_model.state_dict()
+    targets, values = [], []
     for name, value in model.state_dict().items():
         target = ema_state[name]
         if target.is_floating_point():
-            target.mul_(decay).add_(value.detach().to(target.dtype), alpha=1.0 - decay)
+            targets.append(target)
+            values.append(value.detach().to(target.dtype))
         else:
             target.copy_(value)
+    # ema + (1 - decay) * (model - ema): one pass over each tensor instead of two
+    if targets:
+        torch._foreach_lerp_(targets, values, 1.0 - decay)
