@@ -20,9 +20,11 @@ runs ``--warmup`` untimed steps. Then, in one run:
    as its cost per training step at the run's ``--val_frequency``.
 
 It prints each part's share of a step and the time the schedule's steps and
-validations would take. A single process: with ``--num_gpus 2`` on a 2-core
-CPU each of train.py's processes gets one core, so compare with
-``-- --cpu_threads 1``.
+validations would take. A single process, as ``./train.sh`` trains the demo
+on a CPU from the log-mel cache (``-- --feature_cache datasets/demo/features
+--num_workers 0``: a torch thread per core, no loader worker). Featurising
+the audio, ``./train.sh`` starts one process per core (``--num_gpus 2``), each
+with one core: compare that with ``-- --cpu_threads 1``.
 """
 
 import argparse
