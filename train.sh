@@ -104,13 +104,21 @@ fi
 
 # OpenMP threads that busy-wait stall badly when another process shares the
 # cores (a DataLoader worker, a second training process, a second job), so
-# they wait passively; the demo's single CPU process has the cores to itself,
-# and its two threads then keep OpenMP's default (spin briefly, then sleep):
-# 131-140 ms a step against 179 ms waiting passively.
+# they wait passively. The demo's single CPU process has the cores to itself
+# and keeps OpenMP's default (spin briefly, then sleep): 131-140 ms a step
+# against 179 ms waiting passively. More processes or loader workers asked for
+# on the command line bring the passive wait back.
+previous=
 for arg in "$@"; do
-    case "$arg" in
-        --num_gpus|--num_gpus=*|--num_workers|--num_workers=*) single_cpu_process=0 ;;
+    case "$previous" in
+        --num_gpus) [ "$arg" = 1 ] || single_cpu_process=0 ;;
+        --num_workers) [ "$arg" = 0 ] || single_cpu_process=0 ;;
     esac
+    case "$arg" in
+        --num_gpus=*) [ "$arg" = --num_gpus=1 ] || single_cpu_process=0 ;;
+        --num_workers=*) [ "$arg" = --num_workers=0 ] || single_cpu_process=0 ;;
+    esac
+    previous="$arg"
 done
 if [ "${single_cpu_process:-0}" = 0 ]; then
     export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
