@@ -41,11 +41,20 @@ started=$SECONDS
 
 demo=1
 help=0
+parallel_args=0 # the command line asks for more than one process, or for loader workers
+previous=
 for arg in "$@"; do
     case "$arg" in
         --model_config|--model_config=*) demo=0 ;;
         -h|--help) help=1 ;;
+        --num_gpus=*) [ "$arg" = --num_gpus=1 ] || parallel_args=1 ;;
+        --num_workers=*) [ "$arg" = --num_workers=0 ] || parallel_args=1 ;;
     esac
+    case "$previous" in
+        --num_gpus) [ "$arg" = 1 ] || parallel_args=1 ;;
+        --num_workers) [ "$arg" = 0 ] || parallel_args=1 ;;
+    esac
+    previous="$arg"
 done
 
 source "$root/scripts/bootstrap.sh"
@@ -108,19 +117,7 @@ fi
 # and keeps OpenMP's default (spin briefly, then sleep): 131-140 ms a step
 # against 179 ms waiting passively. More processes or loader workers asked for
 # on the command line bring the passive wait back.
-previous=
-for arg in "$@"; do
-    case "$previous" in
-        --num_gpus) [ "$arg" = 1 ] || single_cpu_process=0 ;;
-        --num_workers) [ "$arg" = 0 ] || single_cpu_process=0 ;;
-    esac
-    case "$arg" in
-        --num_gpus=*) [ "$arg" = --num_gpus=1 ] || single_cpu_process=0 ;;
-        --num_workers=*) [ "$arg" = --num_workers=0 ] || single_cpu_process=0 ;;
-    esac
-    previous="$arg"
-done
-if [ "${single_cpu_process:-0}" = 0 ]; then
+if [ "${single_cpu_process:-0}" = 0 ] || [ "$parallel_args" = 1 ]; then
     export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 fi
 caiman_background_wait
