@@ -1,4 +1,6 @@
-"""The host's CPU resources: how many cores this process may use, spreading work over them, and how its\nC heap behaves."""
+"""The host's CPU resources: how many cores this process may use, spreading work over them, and how
+its C heap behaves.
+"""
 
 import ctypes
 import ctypes.util
