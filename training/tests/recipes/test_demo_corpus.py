@@ -192,6 +192,34 @@ def test_audio_cut_short_is_made_again_on_resume(tiny, tmp_path):
     assert (root / "train.json").read_bytes() == (tiny[0] / "train.json").read_bytes()
 
 
+def test_blocks_of_sentences_give_the_same_audio_whatever_the_workers_and_on_resume(tmp_path, monkeypatch):
+    # Blocks of 4: three train blocks (the last one short) spread over two workers.
+    monkeypatch.setattr(corpus, "BLOCK", 4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    make_demo_corpus(one, seed=0, num_train=10, num_dev=3, workers=1, progress=False)
+    make_demo_corpus(two, seed=0, num_train=10, num_dev=3, workers=2, progress=False)
+    audio = sorted(p.relative_to(one) for p in one.rglob("*.flac"))
+    assert len(audio) == 13
+    for name in audio:
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    # Within a block an utterance follows the ones before it: spoken alone, it differs.
+    settings = espeak.speaker_settings(0, "train", 6)
+    text = make_sentences(seed=0, num_train=10, num_dev=3)[0][6]
+    alone = corpus._pcm16(espeak.synthesize(text, settings))
+    in_block = soundfile.read(one / "audio/train/train_00006.flac", dtype="int16")[0]
+    assert not np.array_equal(alone, in_block)
+    # A file in the middle of a block, lost: the block is spoken again up to it, the same.
+    marker = json.loads((two / "corpus.json").read_text())
+    (two / "corpus.json").write_text(json.dumps({**marker, "complete": False}))
+    lost = two / "audio/train/train_00006.flac"
+    lost.unlink()
+    kept = _files(two / "audio")
+    make_demo_corpus(two, seed=0, num_train=10, num_dev=3, workers=2, progress=False)
+    assert lost.read_bytes() == (one / "audio/train/train_00006.flac").read_bytes()
+    after = _files(two / "audio")
+    assert {k: after[k] for k in kept} == kept  # its neighbours were not written again
+
+
 def test_other_settings_in_the_same_folder_are_refused(tiny):
     root, _ = tiny
     with pytest.raises(DataError, match="holds a demo corpus made with .*seed=0.*pass another --output_dir"):

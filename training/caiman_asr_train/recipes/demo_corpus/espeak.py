@@ -3,8 +3,8 @@
 eSpeak NG comes from the PyPI package ``espeakng-loader`` (library and voice
 data); the ``espeak-ng`` command is the fallback. ``speaker_settings`` draws an
 utterance's voice, speed, pitch and recording conditions from its seed and
-``synthesize`` speaks a sentence with them, padded with a little silence and a
-faint noise floor, resampled to 16 kHz mono.
+``synthesize_block`` speaks sentences with them, each padded with a little
+silence and a faint noise floor, resampled to 16 kHz mono.
 """
 
 import _ctypes
@@ -13,6 +13,7 @@ import io
 import random
 import shutil
 import subprocess
+from typing import Sequence
 
 import numpy as np
 import soundfile
@@ -48,8 +49,12 @@ class _EspeakLibrary:
     The library keeps state in static variables (such as the phase of its
     pitch flutter) that carries over from one utterance to the next and shifts
     lengths by a few samples, so the corpus would depend on which process spoke
-    which sentences in which order. Each utterance therefore gets a freshly
-    loaded library: load, initialise, speak, terminate, unload (about 3 ms).
+    which sentences in which order. Each call of ``synthesize`` therefore gets
+    a freshly loaded library (load, initialise, speak its sentences in order,
+    terminate, unload), and what it says depends only on its own requests.
+    Loading the library and its first voice's data costs more than speaking a
+    sentence (about 5-7 ms against 3 ms), so callers pass sentences in fixed
+    blocks.
     """
 
     def __init__(self):
@@ -97,26 +102,33 @@ class _EspeakLibrary:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0 = keep going
 
-    def synthesize(
-        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, seed: int
-    ) -> np.ndarray:
-        """int16 samples ``[N]`` at ``self.sample_rate`` Hz; ``seed`` fixes breath noise."""
+    def synthesize(self, requests: Sequence[tuple]) -> list[np.ndarray]:
+        """int16 samples ``[N]`` at ``self.sample_rate`` Hz of each request, spoken in order.
+
+        A request is ``(text, voice, rate, pitch, pitch_range, seed)``; ``seed``
+        fixes the breath noise.
+        """
         lib = self._load()
         try:
-            set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)  # eSpeak NG >= 1.52
-            if set_seed is not None:
-                set_seed(ctypes.c_long(seed))
-            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                raise DataError(f"eSpeak NG has no voice {voice!r}; reinstall espeakng-loader")
-            # The voice sets its own defaults, so parameters come after it.
-            for parameter, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
-                lib.espeak_SetParameter(parameter, value, 0)
-            self._chunks = []
-            encoded = text.encode() + b"\0"
-            status = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-            lib.espeak_Synchronize()
+            return [self._speak(lib, *request) for request in requests]
         finally:
             self._unload(lib)
+
+    def _speak(
+        self, lib: ctypes.CDLL, text: str, voice: str, rate: int, pitch: int, pitch_range: int, seed: int
+    ) -> np.ndarray:
+        set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)  # eSpeak NG >= 1.52
+        if set_seed is not None:
+            set_seed(ctypes.c_long(seed))
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise DataError(f"eSpeak NG has no voice {voice!r}; reinstall espeakng-loader")
+        # The voice sets its own defaults, so parameters come after it.
+        for parameter, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
+            lib.espeak_SetParameter(parameter, value, 0)
+        self._chunks = []
+        encoded = text.encode() + b"\0"
+        status = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        lib.espeak_Synchronize()
         if status != 0:
             raise DataError(f"eSpeak NG failed (status {status}) on {text!r}")
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
@@ -128,8 +140,12 @@ class _EspeakCommand:
     def __init__(self, executable: str):
         self.executable = executable
 
-    def synthesize(
-        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, seed: int
+    def synthesize(self, requests: Sequence[tuple]) -> list[np.ndarray]:
+        """As ``_EspeakLibrary.synthesize``, one process per request (its seed is not used)."""
+        return [self._speak(*request) for request in requests]
+
+    def _speak(
+        self, text: str, voice: str, rate: int, pitch: int, pitch_range: int, _seed: int
     ) -> np.ndarray:
         command = [self.executable, "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text]
         result = subprocess.run(command, capture_output=True, check=False)
@@ -183,23 +199,40 @@ def speaker_settings(seed: int, split: str, index: int) -> dict:
     }
 
 
-def synthesize(text: str, settings: dict) -> np.ndarray:
-    """Speak ``text`` with ``settings`` (see ``speaker_settings``): float32 ``[N]`` at 16 kHz."""
+def synthesize_block(texts: Sequence[str], settings: Sequence[dict]) -> list[np.ndarray]:
+    """Speak each of ``texts`` with its ``settings`` (see ``speaker_settings``), in order.
+
+    One load of eSpeak NG speaks the whole block, so each utterance depends on
+    the ones before it in the block (by a few samples) and on nothing else: the
+    same block always gives the same audio.
+
+    Returns:
+        float32 ``[N]`` at 16 kHz for each text.
+    """
     engine = _espeak()
-    samples = engine.synthesize(
-        text,
-        settings["voice"],
-        settings["rate"],
-        settings["pitch"],
-        settings["pitch_range"],
-        settings["noise_seed"],
-    )
+    requests = [
+        (text, s["voice"], s["rate"], s["pitch"], s["pitch_range"], s["noise_seed"])
+        for text, s in zip(texts, settings, strict=True)
+    ]
+    spoken = engine.synthesize(requests)
+    return [
+        _record(samples, engine.sample_rate, text, s) for samples, text, s in zip(spoken, texts, settings)
+    ]
+
+
+def synthesize(text: str, settings: dict) -> np.ndarray:
+    """Speak ``text`` with ``settings`` alone (a block of one): float32 ``[N]`` at 16 kHz."""
+    return synthesize_block([text], [settings])[0]
+
+
+def _record(samples: np.ndarray, sample_rate: int, text: str, settings: dict) -> np.ndarray:
+    """One utterance's recording: eSpeak's samples at the settings' peak, silence and noise, 16 kHz."""
     speech = samples.astype(np.float32)
     peak = float(np.abs(speech).max(initial=0.0))
     if peak == 0:
         raise DataError(f"eSpeak NG produced no audio for {text!r} with voice {settings['voice']}")
     speech *= settings["peak"] / peak
-    speech = soxr.resample(speech, engine.sample_rate, SAMPLE_RATE, quality="HQ")
+    speech = soxr.resample(speech, sample_rate, SAMPLE_RATE, quality="HQ")
     lead = np.zeros(int(settings["lead_silence"] * SAMPLE_RATE), np.float32)
     trail = np.zeros(int(settings["trail_silence"] * SAMPLE_RATE), np.float32)
     audio = np.concatenate([lead, speech, trail])
