@@ -82,17 +82,111 @@ def utterance_logmel(audio: np.ndarray, filterbank: FilterbankFeatures, seed: in
     return logmel[0].t().numpy().astype(np.float16)
 
 
-def _featurise(task: tuple) -> list[tuple[str, np.ndarray, int]]:
-    """Pool worker: (fname, log-mels, samples) of a chunk of entries."""
-    entries, dataset_dir, settings, seed = task
-    torch.set_num_threads(1)
-    filterbank = FilterbankFeatures(**settings, compute_dtype=torch.float32)
+class LogmelFeaturiser:
+    """The cache's log-mels of one waveform; pickles small (the filterbank is made where it is used).
+
+    A corpus generator can featurise each utterance where it makes it
+    (``recipes.demo_corpus``'s ``featurise``): given the waveform exactly as
+    its file decodes, the log-mels equal those ``build_feature_cache`` makes
+    from the file.
+    """
+
+    def __init__(self, filterbank_features: dict, seed: int = 1) -> None:
+        self.settings = feature_settings(filterbank_features)
+        self.sample_rate = int(self.settings["sample_rate"])
+        self.seed = int(seed)
+        self._filterbank: Optional[FilterbankFeatures] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_filterbank": None}
+
+    def __call__(self, fname: str, audio: np.ndarray) -> np.ndarray:
+        """float16 ``[frames, n_filt]`` log-mels of ``audio`` (float32 at ``sample_rate``), file ``fname``."""
+        if self._filterbank is None:
+            # One utterance is too small a job for intra-op threads: one process per core instead.
+            torch.set_num_threads(1)
+            self._filterbank = FilterbankFeatures(**self.settings, compute_dtype=torch.float32)
+        return utterance_logmel(audio, self._filterbank, self.seed, fname)
+
+
+def _featurise(task: tuple) -> list[tuple[str, int, np.ndarray]]:
+    """Pool worker: (fname, samples, log-mels) of a chunk of entries."""
+    entries, dataset_dir, featuriser = task
     out = []
     for entry in entries:
-        audio = load_audio(audio_path(entry, dataset_dir), filterbank.sample_rate)
+        audio = load_audio(audio_path(entry, dataset_dir), featuriser.sample_rate)
         fname = entry["files"][0]["fname"]
-        out.append((fname, utterance_logmel(audio, filterbank, seed, fname), int(audio.shape[0])))
+        out.append((fname, int(audio.shape[0]), featuriser(fname, audio)))
     return out
+
+
+class CacheWriter:
+    """A cache directory being written: built beside ``output_dir``, put in its place by ``commit``.
+
+    ``add`` appends one utterance's log-mels (in any order); ``commit`` syncs
+    them, writes ``index.json`` last and replaces ``output_dir`` (an existing
+    cache stays until then). Leaving the ``with`` block without a commit (an
+    error, or nothing to commit) removes what was written.
+    """
+
+    def __init__(self, output_dir: PathLike, filterbank_features: dict, seed: int = 1) -> None:
+        self.output_dir = Path(output_dir)
+        self.settings = feature_settings(filterbank_features)
+        self.seed = int(seed)
+        self.utterances: dict[str, list[int]] = {}
+        self.frames = 0
+        self._build = self.output_dir.with_name(f".{self.output_dir.name}.partial-{os.getpid()}")
+        self._data = None
+
+    def add(self, fname: str, samples: int, logmel: np.ndarray) -> None:
+        """Store the float16 ``[frames, n_filt]`` log-mels of ``fname`` (a name already stored is kept)."""
+        if fname in self.utterances:
+            return
+        self._open().write(np.ascontiguousarray(logmel, dtype=np.float16).tobytes())
+        self.utterances[fname] = [self.frames, int(logmel.shape[0]), int(samples)]
+        self.frames += int(logmel.shape[0])
+
+    def covers(self, fnames: Sequence[str]) -> bool:
+        """Whether every one of ``fnames`` has been added."""
+        return all(name in self.utterances for name in fnames)
+
+    def commit(self) -> None:
+        """Make the cache complete and put it in place of ``output_dir``."""
+        data = self._open()
+        data.flush()
+        os.fsync(data.fileno())
+        data.close()
+        index = {
+            "version": VERSION,
+            "filterbank_features": self.settings,
+            "n_filt": int(self.settings["n_filt"]),
+            "seed": self.seed,
+            "utterances": self.utterances,
+        }
+        atomic_write_bytes(self._build / INDEX, json.dumps(index).encode())  # last: the directory is complete
+        replace_directory(self._build, self.output_dir)
+        self._data = None
+
+    def _open(self):
+        if self._data is None:
+            self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._build, ignore_errors=True)
+            self._build.mkdir()
+            self._data = open(self._build / DATA, "wb")
+        return self._data
+
+    def discard(self) -> None:
+        """Remove what was written (nothing when it was committed)."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+            shutil.rmtree(self._build, ignore_errors=True)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.discard()
 
 
 def build_feature_cache(
@@ -112,44 +206,19 @@ def build_feature_cache(
     Raises:
         DataError: an audio file is missing or unreadable (nothing is left behind).
     """
-    output_dir = Path(output_dir)
-    settings = feature_settings(filterbank_features)
+    featuriser = LogmelFeaturiser(filterbank_features, seed)
     unique = list({entry["files"][0]["fname"]: entry for entry in entries}.values())
-    tasks = [
-        (unique[i : i + _CHUNK], str(dataset_dir), settings, seed) for i in range(0, len(unique), _CHUNK)
-    ]
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
-    utterances: dict[str, list[int]] = {}
-    frames = 0
-    try:
-        with (
-            open(build / DATA, "wb") as data,
-            tqdm(total=len(unique), desc="log-mel cache", unit="utt", disable=not progress) as bar,
-        ):
-            for chunk in map_in_processes(_featurise, tasks, workers or available_cores()):
-                for fname, logmel, samples in chunk:
-                    data.write(logmel.tobytes())
-                    utterances[fname] = [frames, int(logmel.shape[0]), samples]
-                    frames += int(logmel.shape[0])
-                bar.update(len(chunk))
-            data.flush()
-            os.fsync(data.fileno())
-        index = {
-            "version": VERSION,
-            "filterbank_features": settings,
-            "n_filt": int(settings["n_filt"]),
-            "seed": int(seed),
-            "utterances": utterances,
-        }
-        atomic_write_bytes(build / INDEX, json.dumps(index).encode())  # last: the directory is complete
-        replace_directory(build, output_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    return frames
+    tasks = [(unique[i : i + _CHUNK], str(dataset_dir), featuriser) for i in range(0, len(unique), _CHUNK)]
+    with (
+        CacheWriter(output_dir, filterbank_features, seed) as cache,
+        tqdm(total=len(unique), desc="log-mel cache", unit="utt", disable=not progress) as bar,
+    ):
+        for chunk in map_in_processes(_featurise, tasks, workers or available_cores()):
+            for fname, samples, logmel in chunk:
+                cache.add(fname, samples, logmel)
+            bar.update(len(chunk))
+        cache.commit()
+    return cache.frames
 
 
 class FeatureCache:

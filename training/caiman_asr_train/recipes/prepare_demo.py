@@ -5,7 +5,8 @@ Phases, in order (each prints its wall time)::
     corpus  DATASET_DIR/{train,dev}.json + audio/     demo_corpus (eSpeak NG)
     stats   mel statistics of train.json              -> filterbank_features.stats_path
     features  log-mels of train.json for training     -> DATASET_DIR/features (data.feature_cache;
-            not made when the config has speed perturbation)
+            not made when the config has speed perturbation; computed by the
+            corpus's workers as they make each utterance, when they make them all)
     spm     SentencePiece unigram model of train.json -> tokenizer.sentpiece_model
     ngram   KenLM n-gram (order 4) over its pieces    -> ngram.ngram_path/ngram.{arpa,binary}
 
@@ -40,7 +41,9 @@ from caiman_asr_train.core.errors import DataError, TokenizerError, UserError
 from caiman_asr_train.core.features import FRONT_END_VERSION, load_mel_stats
 from caiman_asr_train.data.feature_cache import VERSION as FEATURE_CACHE_VERSION
 from caiman_asr_train.data.feature_cache import (
+    CacheWriter,
     FeatureCache,
+    LogmelFeaturiser,
     build_feature_cache,
     check_covers,
     feature_settings,
@@ -170,72 +173,92 @@ def prepare_demo(
     timings: dict[str, float] = {}
     start = time.monotonic()
 
-    def phase(name: str, fingerprint: str, complete: Callable[[], bool], make: Callable[[], object]) -> None:
+    def phase(
+        name: str, fingerprint: str, complete: Callable[[], bool], make: Callable[[], Optional[str]]
+    ) -> None:
+        # make() may say how it made the outputs (default: "made")
         began = time.monotonic()
         if state.is_current(name, fingerprint) and complete():
             verdict = "up to date"
         else:
-            make()
+            verdict = make() or "made"
             state.record(name, fingerprint)
-            verdict = "made"
         timings[name] = time.monotonic() - began
         log(f"[prepare_demo] {name}: {verdict} ({timings[name]:.1f} s)")
 
-    # The corpus generator keeps its own completeness marker and returns at
-    # once when the corpus is whole.
-    make_demo_corpus(dataset_dir, num_train=num_train, progress=progress)
-    timings["corpus"] = time.monotonic() - start
-    log(f"[prepare_demo] corpus: ready ({timings['corpus']:.1f} s)")
-    train_bytes = (dataset_dir / TRAIN_MANIFEST).read_bytes()
-
-    stats_settings = {k: v for k, v in features.items() if k not in ("dither", "stats_path", "normalize")}
-    n_filt = int(features["n_filt"])
-
-    def make_stats() -> None:
-        entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
-        # Evenly spaced utterances, at most STATS_FILES: the statistics of an hour of the
-        # corpus's twelve voices are those of all of it, at a sixth of the time.
-        entries = entries[:: max(1, math.ceil(len(entries) / STATS_FILES))]
-        means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
-        save_mel_stats(stats_dir, means, variances, frames)
-
-    phase(
-        "stats",
-        # The front end's version: statistics of the same audio change when it does.
-        _fingerprint(train_bytes, stats_settings, FRONT_END_VERSION, STATS_FILES),
-        lambda: _complete(lambda: load_mel_stats(stats_dir, n_filt)),
-        make_stats,
-    )
-
-    # Training reads the corpus's log-mels from here (train.sh's --feature_cache) rather
-    # than decoding and featurising every utterance each epoch: 15% of a demo step's CPU.
+    # Training reads the corpus's log-mels from DATASET_DIR/features (train.sh's --feature_cache)
+    # rather than decoding and featurising every utterance each epoch: 15% of a demo step's CPU.
+    # The corpus's workers featurise each training utterance as they make it: reading the
+    # corpus back afterwards would decode every file again (a third of that phase's CPU).
     cache_dir = dataset_dir / FEATURE_CACHE
-    if config.input(cfg, "train")["speed_perturbation"]:
-        # the log-mels would change every epoch: no cache, and none left to be used by mistake
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    else:
+    use_cache = not config.input(cfg, "train")["speed_perturbation"]
+    with CacheWriter(cache_dir, features) as made_with_corpus:  # removed unless committed below
+        # The corpus generator keeps its own completeness marker and returns at
+        # once when the corpus is whole.
+        make_demo_corpus(
+            dataset_dir,
+            num_train=num_train,
+            progress=progress,
+            featurise=LogmelFeaturiser(features) if use_cache else None,
+            receive=made_with_corpus.add,
+        )
+        timings["corpus"] = time.monotonic() - start
+        log(f"[prepare_demo] corpus: ready ({timings['corpus']:.1f} s)")
+        train_bytes = (dataset_dir / TRAIN_MANIFEST).read_bytes()
 
-        def make_features() -> None:
+        stats_settings = {k: v for k, v in features.items() if k not in ("dither", "stats_path", "normalize")}
+        n_filt = int(features["n_filt"])
+
+        def make_stats() -> None:
             entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
-            build_feature_cache(entries, dataset_dir, features, cache_dir, progress=progress)
-
-        def features_complete() -> None:
-            check_covers(FeatureCache(cache_dir, features), read_manifests([TRAIN_MANIFEST], dataset_dir))
+            # Evenly spaced utterances, at most STATS_FILES: the statistics of an hour of the
+            # corpus's twelve voices are those of all of it, at a sixth of the time.
+            entries = entries[:: max(1, math.ceil(len(entries) / STATS_FILES))]
+            means, variances, frames = compute_mel_stats(entries, dataset_dir, features, progress=progress)
+            save_mel_stats(stats_dir, means, variances, frames)
 
         phase(
-            "features",
-            _fingerprint(train_bytes, feature_settings(features), FRONT_END_VERSION, FEATURE_CACHE_VERSION),
-            lambda: _complete(features_complete),
-            make_features,
+            "stats",
+            # The front end's version: statistics of the same audio change when it does.
+            _fingerprint(train_bytes, stats_settings, FRONT_END_VERSION, STATS_FILES),
+            lambda: _complete(lambda: load_mel_stats(stats_dir, n_filt)),
+            make_stats,
         )
+
+        if not use_cache:
+            # the log-mels would change every epoch: no cache, and none left to be used by mistake
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        else:
+
+            def make_features() -> Optional[str]:
+                entries = read_manifests([TRAIN_MANIFEST], dataset_dir)
+                if made_with_corpus.covers([entry["files"][0]["fname"] for entry in entries]):
+                    made_with_corpus.commit()
+                    return "made with the corpus"
+                # a corpus made earlier, or resumed: featurise its files
+                build_feature_cache(entries, dataset_dir, features, cache_dir, progress=progress)
+                return None
+
+            def features_complete() -> None:
+                check_covers(FeatureCache(cache_dir, features), read_manifests([TRAIN_MANIFEST], dataset_dir))
+
+            phase(
+                "features",
+                _fingerprint(
+                    train_bytes, feature_settings(features), FRONT_END_VERSION, FEATURE_CACHE_VERSION
+                ),
+                lambda: _complete(features_complete),
+                make_features,
+            )
+
+    def make_spm() -> None:
+        spm_from_json([TRAIN_MANIFEST], spm_model.with_suffix(""), vocab_size, dataset_dir, symbols, **text)
 
     phase(
         "spm",
         _fingerprint(train_bytes, vocab_size, text, symbols),
         lambda: _complete(lambda: Tokenizer(spm_model)),
-        lambda: spm_from_json(
-            [TRAIN_MANIFEST], spm_model.with_suffix(""), vocab_size, dataset_dir, symbols, **text
-        ),
+        make_spm,
     )
 
     arpa, binary, pieces = ngram_dir / "ngram.arpa", ngram_dir / "ngram.binary", ngram_dir / "pieces.txt"

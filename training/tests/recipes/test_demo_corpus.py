@@ -12,11 +12,18 @@ import pytest
 import soundfile
 
 from caiman_asr_train.core.errors import DataError
+from caiman_asr_train.data.feature_cache import (
+    CacheWriter,
+    FeatureCache,
+    LogmelFeaturiser,
+    build_feature_cache,
+)
 from caiman_asr_train.data.manifest import read_manifest, read_manifests
 from caiman_asr_train.recipes import demo_corpus
 from caiman_asr_train.recipes.demo_corpus import corpus, espeak, grammar
 from caiman_asr_train.recipes.demo_corpus.corpus import default_output_dir, make_demo_corpus
 from caiman_asr_train.recipes.demo_corpus.grammar import make_sentences, number_words
+from caiman_asr_train.rnnt import config
 
 PACKAGE_DATA = Path(demo_corpus.__file__).parent
 
@@ -218,6 +225,39 @@ def test_blocks_of_sentences_give_the_same_audio_whatever_the_workers_and_on_res
     assert lost.read_bytes() == (one / "audio/train/train_00006.flac").read_bytes()
     after = _files(two / "audio")
     assert {k: after[k] for k in kept} == kept  # its neighbours were not written again
+
+
+def test_log_mels_made_with_the_corpus_are_those_of_its_files(tmp_path):
+    cfg = config.load(Path(__file__).resolve().parents[3] / "training/configs/demo.yaml")
+    features = config.input(cfg, "train")["filterbank_features"]
+    root = tmp_path / "demo"
+    received = []
+    with CacheWriter(tmp_path / "made", features) as cache:
+
+        def receive(fname, samples, logmel):
+            received.append(fname)
+            cache.add(fname, samples, logmel)
+
+        make_demo_corpus(
+            root,
+            seed=0,
+            num_train=6,
+            num_dev=3,
+            workers=2,
+            progress=False,
+            featurise=LogmelFeaturiser(features),
+            receive=receive,
+        )
+        cache.commit()
+    entries = read_manifests(["train.json"], root)
+    assert sorted(received) == sorted(e["files"][0]["fname"] for e in entries)  # training utterances only
+    build_feature_cache(entries, root, features, tmp_path / "files", workers=1, progress=False)
+    made, files = FeatureCache(tmp_path / "made", features), FeatureCache(tmp_path / "files", features)
+    for entry in entries:
+        fname = entry["files"][0]["fname"]
+        (a, a_samples), (b, b_samples) = made.logmel(fname), files.logmel(fname)
+        assert a_samples == b_samples == entry["files"][0]["num_samples"]
+        assert a.shape[0] > 50 and np.array_equal(a, b)
 
 
 def test_other_settings_in_the_same_folder_are_refused(tiny):

@@ -17,7 +17,7 @@ import torch
 
 from caiman_asr_train.core.errors import DataError
 from caiman_asr_train.core.features import load_mel_stats
-from caiman_asr_train.data.feature_cache import FeatureCache
+from caiman_asr_train.data.feature_cache import FeatureCache, build_feature_cache
 from caiman_asr_train.data.generate_mel_stats import compute_mel_stats
 from caiman_asr_train.data.manifest import manifest_entry, write_manifest
 from caiman_asr_train.data.ngram import is_kenlm_binary
@@ -29,8 +29,14 @@ REPO = Path(__file__).resolve().parents[3]
 WORDS = "the a cat dog sat ran on under table garden red green blue house car it's".split()
 
 
-def _tiny_corpus(dataset_dir, num_train: int = 0, progress: bool = True) -> dict:
-    """Stand-in for make_demo_corpus: 24 utterances of noise with random sentences."""
+def _tiny_corpus(
+    dataset_dir, num_train: int = 0, progress: bool = True, featurise=None, receive=None
+) -> dict:
+    """Stand-in for make_demo_corpus: 24 utterances of noise with random sentences.
+
+    Like the real one, it passes each utterance it makes, as its file decodes,
+    through ``featurise`` (here, in this process) to ``receive``.
+    """
     dataset_dir = Path(dataset_dir)
     if (dataset_dir / "train.json").is_file():
         return {"complete": True}
@@ -39,11 +45,13 @@ def _tiny_corpus(dataset_dir, num_train: int = 0, progress: bool = True) -> dict
     entries = []
     for i in range(24):  # a stand-in corpus: num_train is accepted and ignored
         fname = f"audio/train/{i:03d}.flac"
-        audio = (0.1 * noise.standard_normal(8000 + 400 * i)).astype(np.float32)
+        pcm = np.clip(3000 * noise.standard_normal(8000 + 400 * i), -32768, 32767).astype(np.int16)
         (dataset_dir / fname).parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(dataset_dir / fname, audio, 16000)
+        soundfile.write(dataset_dir / fname, pcm, 16000, subtype="PCM_16")
+        if featurise is not None:
+            receive(fname, len(pcm), featurise(fname, pcm.astype(np.float32) / 32768))
         sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-        entries.append(manifest_entry(sentence.capitalize(), fname, len(audio)))
+        entries.append(manifest_entry(sentence.capitalize(), fname, len(pcm)))
     write_manifest(entries, dataset_dir / "train.json")
     return {"complete": True}
 
@@ -80,7 +88,7 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     assert _verdicts(lines) == {
         "corpus": "ready",
         "stats": "made",
-        "features": "made",
+        "features": "made with the corpus",
         "spm": "made",
         "ngram": "made",
     }
@@ -90,6 +98,18 @@ def test_makes_everything_then_skips_and_remakes_what_changed(demo):
     demo_features = config.input(config.load(root.parents[1] / "training/configs/demo.yaml"), "train")
     cache = FeatureCache(root / "features", demo_features["filterbank_features"])
     assert cache.missing([e["files"][0]["fname"] for e in entries]) == []
+    # The log-mels made with the corpus are those of its files, bit for bit.
+    build_feature_cache(
+        entries, root, demo_features["filterbank_features"], root / "from_files", progress=False
+    )
+    from_files = FeatureCache(root / "from_files", demo_features["filterbank_features"])
+    for entry in entries:
+        fname = entry["files"][0]["fname"]
+        made, samples = cache.logmel(fname)
+        expected, expected_samples = from_files.logmel(fname)
+        assert samples == expected_samples and np.array_equal(made, expected)
+    shutil.rmtree(root / "from_files")
+    assert not list(root.glob(".features.partial-*"))
     tokenizer = Tokenizer(root / "spm" / "demo.model")
     # Normalised as the config says: lower case, no capital letters.
     assert tokenizer.pieces("the cat")[0] == "\u2581the"
@@ -162,7 +182,7 @@ def test_statistics_come_from_at_most_stats_files_evenly_spaced_utterances(demo,
 def test_an_empty_training_manifest_is_a_one_line_data_error(demo, monkeypatch):
     root, run = demo
 
-    def empty_corpus(dataset_dir, num_train: int = 0, progress: bool = True) -> dict:
+    def empty_corpus(dataset_dir, num_train: int = 0, progress: bool = True, **_hooks) -> dict:
         write_manifest([], Path(dataset_dir) / "train.json")
         return {"complete": True}
 
