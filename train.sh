@@ -21,7 +21,7 @@ set -euo pipefail
 # 32,000 utterances vs 12.7% after 38,400 with batch 32). On the 12,000-sentence
 # corpus these 2,600 steps reach 4.7-5.9% (4.7% featurising the audio every step,
 # 5.86% and 5.94% in two runs from the log-mel cache, 5.63% from it in one
-# process; 1,950 steps: 6.6-9.0%), and 2,200 steps with
+# process, 5.25% on the corpus spoken in blocks; 1,950 steps: 6.6-9.0%), and 2,200 steps with
 # the decay from step 1,000 (half-life 300) reached only 6.5%, too close to the
 # demo's 6.5% goal for a 1,296-word dev set; on 6,000 sentences it took 3,600
 # steps to reach 5.4-6.2%, and 2,200 reached 10.4%. Four

@@ -72,8 +72,8 @@ TRAIN_MANIFEST = "train.json"
 # much sooner than 256 (26% vs 50% dev WER at step 1000, on 3,000 sentences),
 # and so do sentences heard less often: after 2,000 steps of 16, 12,000
 # sentences reach 8.3% dev WER where 6,000 reach 11.2%. The extra 6,000 take
-# about 45 s to synthesise; the shorter schedule they allow (train.sh) saves
-# about 150 s of training.
+# about 30 s to synthesise and featurise; the shorter schedule they allow
+# (train.sh) saves about 150 s of training.
 DEFAULT_VOCAB_SIZE = 40
 DEFAULT_NUM_TRAIN = 12000
 DEFAULT_NGRAM_ORDER = 4
