@@ -20,8 +20,8 @@ Op layout (what a weight quantizer sees):
 - The prediction network's embedding is a ``Gather`` from
   ``prediction.embed.table`` ``[n_classes, P]``: the PyTorch table plus an
   all-zero last row, so the blank id gives the zero start vector.
-- ``features.onnx`` has no weights to quantize: its DFT basis, mel filterbank
-  and statistics are float64 initializers named ``features.*``.
+- ``features.onnx`` has no weights to quantize: its DFT basis (float32), mel
+  filterbank and statistics (float64) are initializers named ``features.*``.
 
 ONNX Runtime bundle (``onnxruntime`` target, read by ``caiman_asr_train.runtime``):
 

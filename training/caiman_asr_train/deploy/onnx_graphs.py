@@ -138,8 +138,9 @@ def features_graph(
         ``concat(history, waveform)[T*hop:]``.
 
     Window, mel filterbank, pre-emphasis and log floor are taken from the
-    PyTorch front end, and everything up to the normalised log is computed in
-    float64 as it is, then cast to float32.
+    PyTorch front end. Pre-emphasis, the power spectrum's sum, the mel
+    filterbank, the log and the normalisation are computed in float64 as
+    there; the windowed DFT in float32 (log-mels within about 1e-5 of it).
     """
     front_end = FilterbankFeatures(**{**filterbank_features, "dither": 0.0})
     win, hop, n_fft = front_end.win_length, front_end.hop_length, front_end.n_fft
@@ -181,10 +182,18 @@ def features_graph(
             g.const("features.offsets", np.arange(win, dtype=np.int64)[None]),
         ],
     )
-    framed = g.op("Gather", [emphasised, index], axis=0)  # [T, win]
-    real = g.op("MatMul", [framed, g.const("features.dft_real", window[:, None] * np.cos(angle))])
-    imag = g.op("MatMul", [framed, g.const("features.dft_imag", window[:, None] * np.sin(angle))])
-    power = g.op("Add", [g.op("Mul", [real, real]), g.op("Mul", [imag, imag])])
+    # The DFT in float32: MLAS's single-precision matrix product is several times as fast as
+    # its double one, and the log-mels move by about 1e-5 (the float64 product was 60% of
+    # the recogniser's feature time).
+    emphasised32 = g.op("Cast", [emphasised], to=TensorProto.FLOAT)
+    framed = g.op("Gather", [emphasised32, index], axis=0)  # [T, win]
+    basis = np.concatenate([window[:, None] * np.cos(angle), window[:, None] * np.sin(angle)], axis=1)
+    spectrum = g.op("MatMul", [framed, g.const("features.dft", basis.astype(np.float32))])  # [T, 2 * bins]
+    squared = g.op("Cast", [g.op("Mul", [spectrum, spectrum])], to=TensorProto.DOUBLE)
+    bins = n_fft // 2 + 1
+    real2 = g.op("Slice", [squared, g.ints([0]), g.ints([bins]), g.ints([1])])
+    imag2 = g.op("Slice", [squared, g.ints([bins]), g.ints([2 * bins]), g.ints([1])])
+    power = g.op("Add", [real2, imag2])
     mel = g.op("MatMul", [power, g.const("features.mel_t", front_end.fbanks.double().numpy().T)])
     logmel = g.op("Log", [g.op("Max", [mel, g.const("features.log_floor", np.array(LOG_FLOOR))])])
     means = g.const("features.melmeans", np.asarray(melmeans, np.float32).astype(np.float64))
