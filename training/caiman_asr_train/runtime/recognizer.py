@@ -37,6 +37,8 @@ PathLike = Union[str, Path]
 # long enough to skip runs of blanks in one call, short enough that a symbol
 # found early wastes little work.
 JOINT_WINDOW = 16
+# encoder.onnx's LSTM state inputs (and, in this order, its outputs after encoder_out)
+_ENCODER_STATES = ("pre_h", "pre_c", "post_h", "post_c")
 
 
 class Recognizer:
@@ -100,19 +102,86 @@ class Recognizer:
         stream.accept_waveform(audio)
         return stream.finish()
 
-    def transcribe_many(self, audios: Sequence[np.ndarray], streams: int = 1) -> list[str]:
-        """Transcripts of whole utterances, ``streams`` of them decoded at a time.
+    def transcribe_many(
+        self, audios: Sequence[np.ndarray], streams: int = 1, batch_size: int = 8
+    ) -> list[str]:
+        """Transcripts of whole utterances, decoded offline by ``streams`` threads.
 
-        A server decodes many streams at once, and so can this: ONNX Runtime
-        releases the GIL while a graph runs and the sessions may be shared. The
-        graphs are small and each stream's steps depend on one another, so on a
-        multi-core CPU several single-threaded streams (``num_threads=1``)
-        decode more audio per second than one stream with several threads.
+        With every utterance at hand there is no stream to wait for: each
+        utterance's log-mels (final padding included) come from one
+        ``features.onnx`` call; ``encoder.onnx`` runs on batches of up to
+        ``batch_size`` utterances of similar length (one batched call costs
+        little more than one utterance's) and finishes each utterance's last
+        frames on their own (``_encode_batch``: no padding); greedy decoding
+        then walks each utterance's frames. ONNX Runtime releases the GIL while
+        a graph runs and the sessions may be shared, so the threads overlap.
+        The transcripts are ``transcribe``'s.
         """
-        if streams <= 1:
-            return [self.transcribe(audio) for audio in audios]
-        with ThreadPoolExecutor(streams) as pool:
-            return list(pool.map(self.transcribe, audios))
+        if not audios:
+            return []
+        with ThreadPoolExecutor(max(1, streams)) as pool:
+            features = list(pool.map(self._features, audios))
+            order = sorted(range(len(audios)), key=lambda i: features[i].shape[2])
+            batches = [order[i : i + max(1, batch_size)] for i in range(0, len(order), max(1, batch_size))]
+            encoded: list[np.ndarray] = [np.empty(0)] * len(audios)
+            for batch, outputs in zip(
+                batches, pool.map(lambda batch: self._encode_batch([features[i] for i in batch]), batches)
+            ):
+                for i, output in zip(batch, outputs):
+                    encoded[i] = output
+            return list(pool.map(self._decode_whole, encoded))
+
+    def _features(self, audio: np.ndarray) -> np.ndarray:
+        """Normalised log-mels ``[1, n_filt, T]`` of a whole utterance with its final padding."""
+        waveform = np.concatenate(
+            [np.asarray(audio, np.float32).reshape(-1), np.zeros(self.final_padding, np.float32)]
+        )
+        history = np.zeros(int(self.info["features"]["initial_padding"]) + 1, np.float32)
+        (frames,) = self.sessions["features"].run(None, {"history": history, "waveform": waveform})
+        return frames
+
+    def _encode_batch(self, features: list[np.ndarray]) -> list[np.ndarray]:
+        """Encoder frames ``[1, T', H]`` of each utterance: the frames all of them have, as one batch.
+
+        The batch runs over the largest multiple of ``chunk_frames`` that every
+        utterance has; each then encodes the rest of its frames on its own from
+        the batch's LSTM states, as a stream would. So nothing is padded and
+        the frames equal a stream's.
+        """
+        model = self.info["model"]
+        common = min(f.shape[2] for f in features) // self.chunk_frames * self.chunk_frames
+        heads: list[np.ndarray] = [np.zeros((1, 0, model["enc_n_hid"]), np.float32)] * len(features)
+        states = [self._zero_states(1)] * len(features)
+        if common:
+            batch = np.concatenate([f[:, :, :common] for f in features])
+            outputs = self.sessions["encoder"].run(
+                None, {"features": batch, **self._zero_states(len(features))}
+            )
+            heads = [outputs[0][k : k + 1] for k in range(len(features))]
+            states = [
+                dict(zip(_ENCODER_STATES, (state[:, k : k + 1] for state in outputs[1:])))
+                for k in range(len(features))
+            ]
+        encoded = []
+        for f, head, state in zip(features, heads, states):
+            if f.shape[2] > common:
+                (tail, *_) = self.sessions["encoder"].run(None, {"features": f[:, :, common:], **state})
+                head = np.concatenate([head, tail], axis=1)
+            encoded.append(head)
+        return encoded
+
+    def _zero_states(self, batch: int) -> dict[str, np.ndarray]:
+        model = self.info["model"]
+        return {
+            name: np.zeros((model[f"enc_{name[:-2]}_rnn_layers"], batch, model["enc_n_hid"]), np.float32)
+            for name in _ENCODER_STATES
+        }
+
+    def _decode_whole(self, encoded: np.ndarray) -> str:
+        stream = Stream(self)
+        stream._decode(encoded)
+        stream.finished = True
+        return stream.text
 
 
 class Stream:
@@ -128,12 +197,7 @@ class Stream:
         def zeros(layers: int, hidden: int) -> np.ndarray:
             return np.zeros((layers, 1, hidden), np.float32)
 
-        self._encoder_states = {
-            "pre_h": zeros(model["enc_pre_rnn_layers"], model["enc_n_hid"]),
-            "pre_c": zeros(model["enc_pre_rnn_layers"], model["enc_n_hid"]),
-            "post_h": zeros(model["enc_post_rnn_layers"], model["enc_n_hid"]),
-            "post_c": zeros(model["enc_post_rnn_layers"], model["enc_n_hid"]),
-        }
+        self._encoder_states = recognizer._zero_states(1)
         h = zeros(model["pred_rnn_layers"], model["pred_n_hid"])
         # The blank id is the zero start input.
         self._g, self._h, self._c = self._predict(recognizer.blank_id, h, h)
@@ -169,7 +233,7 @@ class Stream:
 
     def _encode(self, features: np.ndarray) -> None:
         outputs = self._r.sessions["encoder"].run(None, {"features": features, **self._encoder_states})
-        self._encoder_states = dict(zip(("pre_h", "pre_c", "post_h", "post_c"), outputs[1:]))
+        self._encoder_states = dict(zip(_ENCODER_STATES, outputs[1:]))
         self._decode(outputs[0])
 
     def _predict(self, token: int, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -43,6 +43,9 @@ def test_concurrent_streams_give_the_same_transcripts_as_one_at_a_time(bundle, s
     one_at_a_time = [recognizer.transcribe(a) for a in speech.audio]
     assert recognizer.transcribe_many(speech.audio, streams=3) == one_at_a_time
     assert recognizer.transcribe_many(speech.audio[::-1], streams=2) == one_at_a_time[::-1]
+    # batches of two: each utterance's frames beyond the pair's common length are finished on their own
+    assert recognizer.transcribe_many(speech.audio, streams=1, batch_size=2) == one_at_a_time
+    assert recognizer.transcribe_many([]) == []
 
 
 def test_streaming_in_small_pieces_equals_the_whole_utterance(bundle, speech):
