@@ -1,5 +1,6 @@
 """Averaging of sharded checkpoints: zarr (Megatron layout) and torch.distributed.checkpoint directories."""
 
+import enum
 import io
 import json
 import os
@@ -603,6 +604,47 @@ def test_metadata_is_unpickled_without_running_foreign_code(tmp_path, monkeypatc
     assert loaded.planner_data["mcore"].state == {"payload": {"sharded": True}}
     assert not (tmp_path / "pwned").exists()
     assert "model.w" in loaded.state_dict_metadata
+
+
+class _EnumsByGetattr(pickle.Pickler):
+    """Pickles enum members as ``getattr(EnumClass, name)``, as Python before 3.11.5 does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+class _Sentinel:
+    pass
+
+
+class _GetattrOfAClass(pickle.Pickler):
+    """Pickles a ``_Sentinel`` as ``getattr(Metadata, "__init__")``: a getattr that is no enum member."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Sentinel):
+            return getattr, (dcp.metadata.Metadata, "__init__")
+        return NotImplemented
+
+
+def test_metadata_pickled_by_older_pythons_reads_and_getattr_reaches_only_enum_members(tmp_path):
+    dcp_checkpoint(tmp_path / "m", seed=1)
+    path = tmp_path / "m/.metadata"
+    metadata = pickle.loads(path.read_bytes())
+    buffer = io.BytesIO()
+    _EnumsByGetattr(buffer).dump(metadata)
+    assert b"getattr" in buffer.getvalue()
+    path.write_bytes(buffer.getvalue())
+    loaded = read_metadata(tmp_path / "m")
+    properties = loaded.state_dict_metadata["model.w"].properties
+    assert properties.memory_format == torch.contiguous_format
+    # any other getattr is refused: one line naming the file
+    buffer = io.BytesIO()
+    _GetattrOfAClass(buffer).dump({"planner_data": _Sentinel()})
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match=r"m/\.metadata: unreadable DCP metadata .*not an enum member"):
+        read_metadata(tmp_path / "m")
 
 
 def _write_sharded(rank: int, init_file: str, root: str) -> None:
