@@ -122,7 +122,8 @@ class Recognizer:
         with ThreadPoolExecutor(max(1, streams)) as pool:
             features = list(pool.map(self._features, audios))
             order = sorted(range(len(audios)), key=lambda i: features[i].shape[2])
-            batches = [order[i : i + max(1, batch_size)] for i in range(0, len(order), max(1, batch_size))]
+            size = max(1, batch_size)
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
             encoded: list[np.ndarray] = [np.empty(0)] * len(audios)
             for batch, outputs in zip(
                 batches, pool.map(lambda batch: self._encode_batch([features[i] for i in batch]), batches)
@@ -136,9 +137,15 @@ class Recognizer:
         waveform = np.concatenate(
             [np.asarray(audio, np.float32).reshape(-1), np.zeros(self.final_padding, np.float32)]
         )
-        history = np.zeros(int(self.info["features"]["initial_padding"]) + 1, np.float32)
-        (frames,) = self.sessions["features"].run(None, {"history": history, "waveform": waveform})
+        (frames,) = self.sessions["features"].run(
+            None, {"history": self._start_history(), "waveform": waveform}
+        )
         return frames
+
+    def _start_history(self) -> np.ndarray:
+        """``features.onnx``'s history at the start of an utterance: the initial padding, plus
+        the sample pre-emphasis reads before it."""
+        return np.zeros(int(self.info["features"]["initial_padding"]) + 1, np.float32)
 
     def _encode_batch(self, features: list[np.ndarray]) -> list[np.ndarray]:
         """Encoder frames ``[1, T', H]`` of each utterance: the frames all of them have, as one batch.
@@ -191,7 +198,7 @@ class Stream:
         self._r = recognizer
         features, model = recognizer.info["features"], recognizer.info["model"]
         self._hop = int(features["hop_length"])
-        self._history = np.zeros(int(features["initial_padding"]) + 1, np.float32)
+        self._history = recognizer._start_history()
         self._pending = np.zeros((1, int(features["n_filt"]), 0), np.float32)
 
         def zeros(layers: int, hidden: int) -> np.ndarray:
