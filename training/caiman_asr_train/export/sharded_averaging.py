@@ -11,11 +11,12 @@ Two layouts, told apart by the directory's ``metadata.json``
   ``*.distcp`` files and a pickled ``.metadata``, read through a restricted
   unpickler (``sharded_dcp``; the byte layout of a stored tensor: ``sharded_distcp``).
 
-Floating tensors are averaged in float64, a cache-sized slice of one chunk of
-every input at a time (zarr) or a block of rows of one stored chunk of every
-input at a time (DCP), on a few threads, and cast back to their dtype with one
-round-to-nearest-even: memory holds a few slices, whatever the model's size and
-the number of inputs. Integer tensors, ``common.pt``, extra state and
+Floating tensors are averaged in float64, a slice of one chunk of every input
+at a time (zarr) or a block of rows of one stored chunk of every input at a
+time (DCP), on a few threads, and cast back to their dtype with one
+round-to-nearest-even (compiled kernels, ``averaging_kernels``): memory holds
+about ``STACK_BYTES`` a thread, whatever the model's size and the number of
+inputs. Integer tensors, ``common.pt``, extra state and
 everything that is not a tensor come from the most-weighted input. Optimizer
 state (keys starting with ``optimizer``) no longer matches averaged weights: it
 is dropped unless ``keep_optimizer``, which copies the most-weighted input's.
@@ -64,13 +65,14 @@ from caiman_asr_train.utils.cores import available_cores
 
 __all__ = [
     "AVERAGING_JSON",
-    "WeightedSum",
+    "STACK_BYTES",
     "average_sharded",
     "default_output",
     "is_optimizer_key",
     "page_cache_hint",
     "worker_threads",
     "round_half_even",
+    "slice_elements",
     "stored_bits",
     "storage_dtype",
     "sharded_format",
@@ -136,87 +138,23 @@ def round_half_even(x: Tensor, dtype: torch.dtype) -> Tensor:
     return odd.to(dtype)
 
 
-# Elements per accumulation step: 128 Ki (the float64 slice is 1 MiB; with its buffers about 3 MiB a
-# thread). Four times fewer, cache-sized slices spent most of the time in the Python and system calls
-# around each step: measured on the base-size benchmark, N=5 zarr took 2.1-2.9 s instead of 1.4-1.8 s
-# and DCP 3.7-3.9 s instead of 1.7-2.3 s.
-SLICE = 1 << 17
+# Bytes of input a thread averages at a time: one slice of every input, stacked (the kernels of
+# averaging_kernels sum them in one pass), so that memory holds the same few MiB whatever the number of
+# inputs and the size of the model. 1 MiB is five 104 Ki-element bfloat16 slices: the Python and system
+# calls around each step cost little beside the step, and the stack stays in the last-level cache.
+STACK_BYTES = 1 << 20
 
-_BF16_DROPPED = 45  # float64 mantissa bits that bfloat16 (7 stored bits) does not keep
-_BF16_HALF = np.uint64((1 << (_BF16_DROPPED - 1)) - 1)
-_BF16_KEPT = np.uint64(~((1 << _BF16_DROPPED) - 1) & 0xFFFFFFFFFFFFFFFF)
-_BF16_EXPONENT = 0x7F80
+
+def slice_elements(inputs: int, itemsize: int) -> int:
+    """Elements of each input averaged at a time: ``inputs`` slices of ``itemsize``-byte elements fill ``STACK_BYTES``."""
+    return max(1, STACK_BYTES // (max(1, inputs) * itemsize))
 
 
 def storage_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype that holds ``dtype``'s stored bits (bfloat16: its uint16 bit patterns)."""
-    return np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
-
-
-class WeightedSum:
-    """Float64 weighted sums of flat slices (at most ``SLICE`` elements) of one floating dtype.
-
-    Slices are numpy arrays of the stored bits (``storage_dtype``); ``total`` is a float64
-    array of the slice's size, and every step works in it or in this object's preallocated
-    buffers. bfloat16 widens exactly by shifting its bits into the high half of a float32;
-    the sum is cast back with one round-to-nearest-even (``round_into``).
-    """
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self._wide = np.empty(SLICE, np.float64)
-        self._bits = np.empty(SLICE, np.uint64)
-        self._f32 = np.empty(SLICE, np.float32)
-        self._check = np.empty(SLICE, np.uint16)
-        self._finite = np.empty(SLICE, np.bool_)
-
-    def add(self, total: np.ndarray, piece: np.ndarray, weight: float, first: bool) -> None:
-        """``total += weight * piece`` (``=`` when ``first``)."""
-        n = piece.size
-        if self.dtype == torch.bfloat16:
-            bits = self._f32[:n].view(np.uint32)
-            np.left_shift(piece, 16, out=bits, dtype=np.uint32)
-            piece = bits.view(np.float32)
-        if first:
-            np.multiply(piece, weight, out=total, dtype=np.float64)
-        else:
-            np.multiply(piece, weight, out=self._wide[:n], dtype=np.float64)
-            np.add(total, self._wide[:n], out=total)
-
-    def finite(self, total: np.ndarray) -> np.ndarray:
-        """Whether each element of ``total`` is finite (a view of a reused buffer)."""
-        return np.isfinite(total, out=self._finite[: total.size])
-
-    def round_into(self, out: np.ndarray, total: np.ndarray) -> None:
-        """``out[:] = round_half_even(total)`` in ``out``'s stored bits; ``total`` finite."""
-        n = out.size
-        if self.dtype != torch.bfloat16:
-            # numpy casts float64 to float16 and float32 directly, with one rounding to nearest even.
-            with np.errstate(over="ignore"):  # beyond the format's range the nearest is infinity
-                np.copyto(out, total, casting="same_kind")
-            return
-        # Round to nearest even at bfloat16's precision on the float64 bits (a carry runs into the
-        # exponent, as it should); the result converts to float32 exactly, and its high half is bfloat16.
-        bits = self._bits[:n]
-        np.right_shift(total.view(np.uint64), np.uint64(_BF16_DROPPED), out=bits)
-        np.bitwise_and(bits, np.uint64(1), out=bits)
-        np.add(bits, _BF16_HALF, out=bits)
-        np.add(bits, total.view(np.uint64), out=bits)
-        np.bitwise_and(bits, _BF16_KEPT, out=bits)
-        with np.errstate(over="ignore"):
-            np.copyto(self._f32[:n], bits.view(np.float64), casting="same_kind")
-        np.right_shift(self._f32[:n].view(np.uint32), np.uint32(16), out=out, casting="unsafe")
-        # Below bfloat16's smallest normal (2**-126) its precision shrinks: those few elements
-        # (exponent field 0, other than zeros, whose bits are right) are rounded by the reference.
-        check = self._check[:n]
-        np.bitwise_and(out, np.uint16(_BF16_EXPONENT), out=check)
-        if check.all():
-            return
-        small = np.flatnonzero(check == 0)
-        small = small[total[small] != 0]
-        if small.size:
-            exact = round_half_even(torch.from_numpy(total[small]), torch.bfloat16)
-            out[small] = exact.view(torch.uint16).numpy()
+    """The numpy dtype that holds ``dtype``'s stored bits (bfloat16 and float16: their uint16 bit patterns)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return np.dtype(np.uint16)
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 # Threads that average chunks: one per core, at most MAX_THREADS, each with a few slice-sized
@@ -247,7 +185,7 @@ def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:
 def stored_bits(tensor: Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous tensor's stored bits (``storage_dtype``)."""
     flat = tensor.reshape(-1)
-    return (flat.view(torch.uint16) if tensor.dtype == torch.bfloat16 else flat).numpy()
+    return (flat.view(torch.uint16) if tensor.dtype in (torch.bfloat16, torch.float16) else flat).numpy()
 
 
 def select_sharded(

@@ -12,10 +12,11 @@ elements ``sharded_distcp.locate`` finds (its ``data.pkl`` read by
 ``torch.load(weights_only=True)`` on the meta device). The output keeps the
 most-weighted input's chunks; each is averaged a block of rows at a time: the
 block is read from every input with ``os.preadv`` (gathered from several
-stored chunks when an input was saved with another parallelism), accumulated
-in float64, cast back with one round-to-nearest-even and appended to the
-output's archive of that chunk (``sharded_distcp.write_item``). Memory holds a
-block, never a tensor, whatever its size and the number of inputs. Integer
+stored chunks when an input was saved with another parallelism) into one
+stack, summed in float64 and cast back with one round-to-nearest-even
+(``averaging_kernels``), and appended to the output's archive of that chunk
+(``sharded_distcp.write_item``). Memory holds a few blocks, never a tensor,
+whatever its size and the number of inputs. Integer
 tensors and non-tensor entries (extra state) are copied byte for byte from the
 most-weighted input, without unpickling them. Everything goes into one data
 file, ``__0_0.distcp``; the output's ``.metadata`` is written last.
@@ -38,12 +39,13 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export.averaging_engine import non_finite_error
+from caiman_asr_train.export.averaging_kernels import WeightedSum
 from caiman_asr_train.export.sharded_averaging import (
     DCP_METADATA,
-    SLICE,
-    WeightedSum,
+    STACK_BYTES,
     is_optimizer_key,
     page_cache_hint,
+    slice_elements,
     storage_dtype,
     worker_threads,
 )
@@ -369,7 +371,7 @@ def _averaged_blocks(
 ) -> Iterator[np.ndarray]:
     """The averaged stored bits of the output chunk at ``offsets``, a block of rows at a time, in order.
 
-    A block is as many rows (of the whole tensor's row length) as fit in ``SLICE`` elements, at
+    A block is as many rows (of the whole tensor's row length) as fit in ``slice_elements``, at
     least one. Blocks are averaged on ``pool``'s threads (``_average_block``), at most
     ``in_flight`` at a time: memory holds a few blocks, whatever the tensor's size and
     the number of inputs. The inputs' stored chunks were announced to the kernel when they were
@@ -377,13 +379,16 @@ def _averaged_blocks(
     """
     dtype = md.properties.dtype
     rows = sizes[0] if sizes else 1
-    per_block = max(1, SLICE // max(1, math.prod(md.size[1:])))
+    per_block = max(1, slice_elements(len(sources), dtype.itemsize) // max(1, math.prod(md.size[1:])))
+    weights = np.array([source.weight for source in sources], np.float64)
     window: collections.deque = collections.deque()
     try:
         for start in range(0, rows, per_block):
             rows_of_block = (start, min(rows, start + per_block))
             window.append(
-                pool.submit(_average_block, key, dtype, offsets, sizes, rows_of_block, sources, files)
+                pool.submit(
+                    _average_block, key, dtype, offsets, sizes, rows_of_block, sources, weights, files
+                )
             )
             if len(window) >= in_flight:
                 yield window.popleft().result()
@@ -405,41 +410,33 @@ def _average_block(
     sizes: tuple,
     rows: tuple[int, int],
     sources: list[_Source],
+    weights: np.ndarray,
     files: _Files,
 ) -> np.ndarray:
-    """``rows`` of the output chunk: read from every input, summed in float64, rounded to ``dtype``'s bits.
+    """``rows`` of the output chunk: read from every input into this thread's stack, averaged, rounded.
 
-    Works in this thread's reused buffers; returns a new array of the rounded bits.
+    Returns a new array of the rounded bits.
     """
     n = (rows[1] - rows[0]) * math.prod(sizes[1:])
-    sums, piece, total = _buffers(dtype, n)
-    for i, source in enumerate(sources):
-        source.read(files, key, offsets, sizes, *rows, piece)
-        for s in range(0, n, SLICE):
-            sums.add(total[s : s + SLICE][: n - s], piece[s : s + SLICE][: n - s], source.weight, i == 0)
-    rounded = np.empty(n, piece.dtype)
-    for s in range(0, n, SLICE):
-        part = total[s : s + SLICE][: n - s]
-        if not sums.finite(part).all():
-            raise non_finite_error(
-                _holding_non_finite(sources, files, key, offsets, sizes, rows, sums, piece, total), key
-            )
-        sums.round_into(rounded[s : s + SLICE][: n - s], part)
+    sums, stack = _buffers(dtype, len(sources), n)
+    for source, row in zip(sources, stack):
+        source.read(files, key, offsets, sizes, *rows, row)
+    rounded = np.empty(n, stack.dtype)
+    if not sums.average(rounded, stack, weights):
+        raise non_finite_error(
+            _holding_non_finite(sources, files, key, offsets, sizes, rows, sums, stack), key
+        )
     return rounded
 
 
-def _buffers(dtype: torch.dtype, n: int) -> tuple[WeightedSum, np.ndarray, np.ndarray]:
-    """This thread's ``WeightedSum`` for ``dtype`` and a stored-bits and a float64 buffer of at least ``n``."""
+def _buffers(dtype: torch.dtype, inputs: int, n: int) -> tuple[WeightedSum, np.ndarray]:
+    """This thread's ``WeightedSum`` for ``dtype`` and its reused stack, shaped (``inputs``, ``n``)."""
     per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
-    sums, piece, total = per_dtype.get(dtype) or (
-        WeightedSum(dtype),
-        np.empty(0, storage_dtype(dtype)),
-        np.empty(0),
-    )
-    if piece.size < n:
-        piece, total = np.empty(max(n, SLICE), piece.dtype), np.empty(max(n, SLICE))
-    per_dtype[dtype] = sums, piece, total
-    return sums, piece, total
+    sums, stack = per_dtype.get(dtype) or (WeightedSum(dtype), np.empty(0, storage_dtype(dtype)))
+    if stack.size < inputs * n:  # at least STACK_BYTES; more only for a row longer than a slice
+        stack = np.empty(max(inputs * n, STACK_BYTES // stack.itemsize), stack.dtype)
+    per_dtype[dtype] = sums, stack
+    return sums, stack[: inputs * n].reshape(inputs, n)
 
 
 def _holding_non_finite(
@@ -450,17 +447,15 @@ def _holding_non_finite(
     sizes: tuple,
     rows: tuple[int, int],
     sums: WeightedSum,
-    piece: np.ndarray,
-    total: np.ndarray,
+    stack: np.ndarray,
 ) -> Path:
     """The first input whose ``rows`` hold NaN or Inf (the sum was checked; this runs only when it is not)."""
-    n = (rows[1] - rows[0]) * math.prod(sizes[1:])
+    one = stack[:1]
+    scratch = np.empty(one.shape[1], one.dtype)
     for source in sources:
-        source.read(files, key, offsets, sizes, *rows, piece)
-        for s in range(0, n, SLICE):
-            sums.add(total[s : s + SLICE][: n - s], piece[s : s + SLICE][: n - s], 1.0, True)
-            if not sums.finite(total[s : s + SLICE][: n - s]).all():
-                return source.path
+        source.read(files, key, offsets, sizes, *rows, one[0])
+        if not sums.average(scratch, one, np.ones(1)):
+            return source.path
     return sources[0].path  # finite inputs whose sum overflows float64: none is at fault, name the first
 
 

@@ -8,16 +8,20 @@ uncompressed zip: ``archive/data.pkl`` (how to rebuild the tensor: dtype,
 shape, strides, storage offset), ``archive/byteorder`` and the storage's raw
 bytes in ``archive/data/0``.
 
-``locate`` reads ``data.pkl`` with ``torch.load(weights_only=True,
-map_location="meta")`` (nothing is unpickled outside torch's allow-list, and
-no element is read) and the zip's local header of ``data/0``: the result says
-at which file offset the chunk's row-major elements start, so that averaging
-reads any rows of it with ``os.preadv`` into a buffer of its own. ``write_item``
+``locate`` reads the zip's directory, ``data.pkl`` and the local header of
+``data/0``. A ``data.pkl`` byte for byte what ``torch.save`` writes for a
+contiguous tensor of the shape and dtype ``.metadata`` gives (DCP's items are)
+says all it needs; any other is read with ``torch.load(weights_only=True,
+map_location="meta")`` (nothing is unpickled outside torch's allow-list, and no
+element is read). The result says at which file offset the chunk's row-major
+elements start, so that averaging reads any rows of it with ``os.preadv`` into
+a buffer of its own. ``write_item``
 writes an archive that ``torch.load`` and DCP read back, the elements coming
 from an iterator of blocks, so that no whole tensor is ever held in memory.
 """
 
 import collections
+import functools
 import io
 import math
 import os
@@ -127,13 +131,19 @@ def locate(
             raise CheckpointError(f"{where} is truncated; is the checkpoint complete?")
         view = _FileView(fd, info.offset, info.length)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                layout = torch.load(view, weights_only=True, map_location="meta")
-            view.seek(0)
             with zipfile.ZipFile(view) as archive:
                 records = {name.split("/", 1)[-1]: archive.getinfo(name) for name in archive.namelist()}
                 byteorder = archive.read(records["byteorder"]) if "byteorder" in records else b"little"
+                stored_pickle = archive.read(records["data.pkl"])
+            if stored_pickle == _plain_pickle(dtype, tuple(sizes)):
+                # What torch.save writes for a contiguous tensor of this dtype and shape that owns its
+                # storage: no need to unpickle it (most items; 0.4 ms each through torch.load)
+                layout = torch.empty(sizes, dtype=dtype, device="meta")
+            else:
+                view.seek(0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    layout = torch.load(view, weights_only=True, map_location="meta")
             data = records["data/0"]
             view.seek(data.header_offset)
             signature, name_length, extra_length = _LOCAL_HEADER.unpack(view.read(_LOCAL_HEADER.size))
@@ -249,6 +259,11 @@ def tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=2).dump(_Tensor(dtype, shape))
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    return tensor_pickle(dtype, shape) if dtype in _STORAGE_CLASS else b""
 
 
 def write_item(

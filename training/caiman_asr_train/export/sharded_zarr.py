@@ -31,13 +31,14 @@ import torch
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export.averaging_engine import non_finite_error
+from caiman_asr_train.export.averaging_kernels import WeightedSum
 from caiman_asr_train.export.sharded_averaging import (
     AVERAGING_JSON,
     METADATA_JSON,
-    SLICE,
-    WeightedSum,
+    STACK_BYTES,
     is_optimizer_key,
     page_cache_hint,
+    slice_elements,
     storage_dtype,
     stored_bits,
     worker_threads,
@@ -202,13 +203,10 @@ def _average_chunk(
     per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
     if dtype not in per_dtype:
         storage = storage_dtype(dtype)
-        per_dtype[dtype] = (
-            WeightedSum(dtype),
-            (np.empty(SLICE, storage), np.empty(SLICE, storage), np.empty(SLICE)),
-        )
-    sums, buffers = per_dtype[dtype]
+        per_dtype[dtype] = WeightedSum(dtype), np.empty(STACK_BYTES // storage.itemsize, storage)
+    sums, stack = per_dtype[dtype]
     if _is_raw(meta):
-        finite = _average_raw(used, key, name, meta, region, output, sums, buffers)
+        finite = _average_raw(used, key, name, meta, region, output, sums, stack)
     else:
         finite = _average_decoded(used, key, region, target, sums)
     if not finite:
@@ -236,18 +234,21 @@ def _average_raw(
     region: tuple[slice, ...],
     output: Path,
     sums: WeightedSum,
-    buffers: tuple[np.ndarray, np.ndarray, np.ndarray],
+    buffer: np.ndarray,
 ) -> bool:
-    """One chunk, read from every input's chunk file and written to ``output`` one cache-sized slice at a time.
+    """One chunk, read from every input's chunk file and written to ``output`` one slice at a time.
 
     A raw chunk file is the chunk's bytes, so slices are read and written with ``preadv`` and
-    ``pwrite``: memory holds a few slices whatever the size of the chunk and the number of inputs.
+    ``pwrite``: each step stacks one slice of every input (``slice_elements``) in ``buffer``, so
+    that memory holds the same few slices whatever the size of the chunk and the number of inputs.
     False when the average is not finite inside the array (the caller finds the input at fault).
     """
     full = meta["chunks"] or []
     count = math.prod(full)
-    piece, rounded, total = buffers
-    item = piece.itemsize
+    item = buffer.itemsize
+    step = slice_elements(len(used), item)
+    weights = np.array([weight for _, weight in used], np.float64)
+    rounded = np.empty(min(step, count), buffer.dtype)
     fds = [os.open(path / key / name, os.O_RDONLY) for path, _ in used]
     for fd in fds:  # every input's chunk is read from disk at once, not a slice at a time
         page_cache_hint(fd, 0, 0, "WILLNEED")
@@ -259,18 +260,17 @@ def _average_raw(
                     f"{path}: array '{key}' chunk '{name}' has {os.fstat(fd).st_size} bytes, not "
                     f"{count * item}; the checkpoint is damaged, re-copy or re-save it"
                 )
-        for start in range(0, count, SLICE):
-            n = min(SLICE, count - start)
-            for i, ((_, weight), fd) in enumerate(zip(used, fds)):
-                if os.preadv(fd, [piece[:n]], start * item) != n * item:
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            stack = buffer[: len(used) * n].reshape(len(used), n)
+            for fd, row in zip(fds, stack):
+                if os.preadv(fd, [row], start * item) != n * item:
                     raise EOFError  # the size was checked: only a file truncated meanwhile gets here
-                sums.add(total[:n], piece[:n], weight, i == 0)
-            # Checked while the slice is in the cache; an edge chunk's padding, which the
-            # array does not hold, does not count.
-            finite = sums.finite(total[:n])
-            if not finite.all() and _inside(np.flatnonzero(~finite) + start, full, region):
+            # An edge chunk's padding, which the array does not hold, does not count.
+            if not sums.average(rounded[:n], stack, weights) and _inside(
+                _non_finite(sums, stack, weights) + start, full, region
+            ):
                 return False
-            sums.round_into(rounded[:n], total[:n])
             if os.pwrite(out, rounded[:n], start * item) != n * item:
                 raise OSError(f"{output}: short write")
         # Start writing the chunk to disk now, while the other threads compute: the sync before the
@@ -281,6 +281,14 @@ def _average_raw(
             os.close(fd)
         os.close(out)
     return True
+
+
+def _non_finite(sums: WeightedSum, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The indices of the elements whose weighted sum over ``stack``'s rows is NaN or infinite."""
+    total = np.empty(stack.shape[1])
+    for i, (row, weight) in enumerate(zip(stack, weights)):
+        sums.add(total, row, weight, i == 0)
+    return np.flatnonzero(~np.isfinite(total))
 
 
 def _inside(flat: np.ndarray, chunks: list[int], region: tuple[slice, ...]) -> bool:
@@ -310,15 +318,10 @@ def _average_decoded(
         piece = _read_region(path / key, region)
         if total is None:
             total = np.empty(piece.numel())
-        bits = stored_bits(piece)
-        for start in range(0, bits.size, SLICE):
-            sums.add(total[start : start + SLICE], bits[start : start + SLICE], weight, i == 0)
+        sums.add(total, stored_bits(piece), weight, i == 0)
     out = torch.empty(piece.shape, dtype=piece.dtype)
-    bits = stored_bits(out)
-    for start in range(0, bits.size, SLICE):
-        if not sums.finite(total[start : start + SLICE]).all():
-            return False
-        sums.round_into(bits[start : start + SLICE], total[start : start + SLICE])
+    if not sums.round_into(stored_bits(out), total):
+        return False
     target[region].write(_to_numpy(out)).result()
     return True
 

@@ -29,11 +29,11 @@ import zarr
 from caiman_asr_train.core.errors import CheckpointError, UserError
 from caiman_asr_train.export import checkpoint_averaging as ca
 from caiman_asr_train.export import sharded_dcp
+from caiman_asr_train.export.averaging_kernels import WeightedSum
 from caiman_asr_train.export.sharded_averaging import (
-    SLICE,
-    WeightedSum,
     average_sharded,
     round_half_even,
+    slice_elements,
     storage_dtype,
 )
 from caiman_asr_train.export.sharded_dcp import DATA_FILE, read_metadata
@@ -41,6 +41,8 @@ from caiman_asr_train.export.sharded_distcp import tensor_pickle
 from caiman_asr_train.utils.cli import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+SLICE = slice_elements(2, 2)  # elements of each of two 16-bit inputs averaged at a time
 
 MEGATRON_METADATA = {
     "sharded_backend": "zarr",
@@ -204,8 +206,8 @@ def test_bfloat16_rounds_once_to_nearest_even():
     assert round_half_even(y, torch.float16).item() == 1 + 2**-10
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_sliced_kernels_round_like_the_reference(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_kernels_round_like_the_reference(dtype):
     """Ties, double-rounding traps, subnormals, zeros and overflow, then random values of every magnitude."""
     crafted = [1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11 + 2**-40]
     crafted += [0.0, -0.0, 2.0**-126 - 2.0**-134, 1e-39, -3e-41, 2.0**-149, 6e-8, 3.3e38, 3.4e38, 1e300]
@@ -215,10 +217,44 @@ def test_the_sliced_kernels_round_like_the_reference(dtype):
     )
     total = np.array(crafted + list(randoms))
     out = np.empty(SLICE, storage_dtype(dtype))
-    WeightedSum(dtype).round_into(out, total)
+    assert WeightedSum(dtype).round_into(out, total)  # finite sums (beyond the range: infinity)
     expected = round_half_even(torch.from_numpy(total), dtype)
-    expected_bits = (expected.view(torch.uint16) if dtype == torch.bfloat16 else expected).numpy()
-    assert np.array_equal(out.view(np.uint8), expected_bits.view(np.uint8))
+    assert np.array_equal(
+        out.view(np.uint8),
+        expected.numpy().view(np.uint8)
+        if dtype != torch.bfloat16
+        else expected.view(torch.uint16).numpy().view(np.uint8),
+    )
+    total[SLICE // 2] = np.nan
+    assert not WeightedSum(dtype).round_into(out, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_stacked_kernel_sums_inputs_in_order_in_float64_and_finds_non_finite_values(dtype):
+    rng = np.random.default_rng(1)
+    values = torch.from_numpy(rng.standard_normal((5, 10_007)) * np.exp2(rng.integers(-12, 12, (5, 10_007))))
+    stored = values.to(dtype)
+    stack = np.ascontiguousarray(
+        (stored.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else stored).numpy()
+    )
+    weights = np.array([0.1, 0.3, 0.05, 0.35, 0.2])
+    out = np.empty(stack.shape[1], stack.dtype)
+    assert WeightedSum(dtype).average(out, stack, weights)
+    reference = torch.zeros(stack.shape[1], dtype=torch.float64)
+    for row, weight in zip(stored, weights):
+        reference += float(weight) * row.double()  # each product rounded, then added: numpy's order
+    expected = round_half_even(reference, dtype)
+    expected = expected.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else expected
+    assert np.array_equal(out, expected.numpy())
+    total = np.empty(stack.shape[1])
+    for i, (row, weight) in enumerate(zip(stack, weights)):
+        WeightedSum(dtype).add(total, row, weight, i == 0)
+    assert np.array_equal(total, reference.numpy())
+    stored[3, 4321] = float("inf")
+    stack = np.ascontiguousarray(
+        (stored.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else stored).numpy()
+    )
+    assert not WeightedSum(dtype).average(out, stack, weights)
 
 
 def test_chunks_longer_than_a_slice_and_edge_chunks_average_exactly(tmp_path):
@@ -461,6 +497,7 @@ def test_dcp_tensors_are_averaged_a_block_of_rows_at_a_time_and_round_like_the_r
         }
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / f"d-step={seed}"))
         states.append(state)
+    block = slice_elements(3, 2)  # elements of each of the three 16-bit inputs averaged at a time
     reads = []
     real = sharded_dcp.read_rows
     monkeypatch.setattr(
@@ -474,6 +511,7 @@ def test_dcp_tensors_are_averaged_a_block_of_rows_at_a_time_and_round_like_the_r
     paths = [tmp_path / f"d-step={s}" for s in (1, 2, 3)]
     average_sharded(paths, tmp_path / "out", weights, log=quiet)
     assert max(reads) <= SLICE + 3  # one block (the long tensor's block is one row of SLICE + 3)
+    assert sorted(set(reads))[-2:] == [block, SLICE + 3]
     loaded = {k: torch.empty_like(v) for k, v in states[0].items()}
     dcp.load(loaded, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
     for key, value in loaded.items():
