@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import math
 import os
 import pickle
@@ -193,8 +194,17 @@ def average(
                 ours = sources[used.index(keeper)]
                 for (index, info), chunk in zip(stored[keeper][key], ours.chunks):
                     start = out.tell()
-                    blocks = _averaged_blocks(
-                        key, md, chunk.offsets, chunk.sizes, sources, files, pool, _IN_FLIGHT * threads
+                    blocks = functools.partial(
+                        _averaged_blocks,
+                        key,
+                        md,
+                        chunk.offsets,
+                        chunk.sizes,
+                        sources,
+                        files,
+                        pool,
+                        _IN_FLIGHT * threads,
+                        out.fileno(),
                     )
                     length = write_item(out, md.properties.dtype, chunk.sizes, blocks)
                     # Start writing the item to disk now, while the next is computed: the sync before
@@ -368,8 +378,11 @@ def _averaged_blocks(
     files: _Files,
     pool: concurrent.futures.Executor,
     in_flight: int,
+    out: int,
+    at: int,
 ) -> Iterator[np.ndarray]:
-    """The averaged stored bits of the output chunk at ``offsets``, a block of rows at a time, in order.
+    """The averaged stored bits of the output chunk at ``offsets``, a block of rows at a time, in order,
+    each written to the file ``out`` from offset ``at`` on by the thread that averaged it.
 
     A block is as many rows (of the whole tensor's row length) as fit in ``slice_elements``, at
     least one. Blocks are averaged on ``pool``'s threads (``_average_block``), at most
@@ -387,7 +400,17 @@ def _averaged_blocks(
             rows_of_block = (start, min(rows, start + per_block))
             window.append(
                 pool.submit(
-                    _average_block, key, dtype, offsets, sizes, rows_of_block, sources, weights, files
+                    _average_block,
+                    key,
+                    dtype,
+                    offsets,
+                    sizes,
+                    rows_of_block,
+                    sources,
+                    weights,
+                    files,
+                    out,
+                    at,
                 )
             )
             if len(window) >= in_flight:
@@ -412,10 +435,13 @@ def _average_block(
     sources: list[_Source],
     weights: np.ndarray,
     files: _Files,
+    out: int,
+    at: int,
 ) -> np.ndarray:
-    """``rows`` of the output chunk: read from every input into this thread's stack, averaged, rounded.
+    """``rows`` of the output chunk: read from every input into this thread's stack, averaged, rounded,
+    and written to the file ``out``, whose chunk elements start at offset ``at``.
 
-    Returns a new array of the rounded bits.
+    Returns a new array of the rounded bits (for the archive's CRC).
     """
     n = (rows[1] - rows[0]) * math.prod(sizes[1:])
     sums, stack = _buffers(dtype, len(sources), n)
@@ -426,6 +452,9 @@ def _average_block(
         raise non_finite_error(
             _holding_non_finite(sources, files, key, offsets, sizes, rows, sums, stack), key
         )
+    where = at + rows[0] * (n // (rows[1] - rows[0])) * rounded.itemsize
+    if os.pwrite(out, rounded, where) != rounded.nbytes:
+        raise OSError(f"short write of '{key}' to the averaged checkpoint")
     return rounded
 
 

@@ -15,9 +15,9 @@ says all it needs; any other is read with ``torch.load(weights_only=True,
 map_location="meta")`` (nothing is unpickled outside torch's allow-list, and no
 element is read). The result says at which file offset the chunk's row-major
 elements start, so that averaging reads any rows of it with ``os.preadv`` into
-a buffer of its own. ``write_item``
-writes an archive that ``torch.load`` and DCP read back, the elements coming
-from an iterator of blocks, so that no whole tensor is ever held in memory.
+a buffer of its own. ``write_item`` writes an archive that ``torch.load`` and
+DCP read back, its elements written in blocks by the caller's threads, so that
+no whole tensor is ever held in memory.
 """
 
 import collections
@@ -31,7 +31,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 import torch
@@ -201,11 +201,15 @@ def read_rows(fd: int, chunk: StoredChunk, start: int, stop: int, out: np.ndarra
 
 class _Region(io.RawIOBase):
     """A writable file seen from ``start``: a zip archive written here has offsets relative to its own start,
-    as an item of a ``.distcp`` file must."""
+    as an item of a ``.distcp`` file must.
+
+    While ``skipping``, a write moves past bytes that somebody else writes (``write_item``).
+    """
 
     def __init__(self, file: BinaryIO) -> None:
         super().__init__()
         self._file, self._start = file, file.tell()
+        self.skipping = False
 
     def writable(self) -> bool:
         return True
@@ -214,6 +218,10 @@ class _Region(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
+        if self.skipping:
+            n = memoryview(data).nbytes
+            self._file.seek(n, io.SEEK_CUR)
+            return n
         return self._file.write(data)
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
@@ -267,24 +275,36 @@ def _plain_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
 
 
 def write_item(
-    file: BinaryIO, dtype: torch.dtype, shape: tuple[int, ...], blocks: Iterable[np.ndarray]
+    file: BinaryIO,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    blocks: Callable[[int], Iterable[np.ndarray]],
 ) -> int:
-    """Append to ``file`` a ``torch.save`` archive of a tensor whose row-major stored bits are ``blocks``.
+    """Append to ``file`` a ``torch.save`` archive of a tensor whose row-major stored bits come in blocks.
 
-    The blocks are written as they come (the zip module computes the CRC on the way), so memory
-    holds one block. Returns the item's length in bytes (its ``_StorageInfo.length``).
+    ``blocks(offset)`` gets the offset in ``file`` at which the elements start and yields the
+    blocks in order, each already written at its place (``os.pwrite`` on ``file.fileno()``), so
+    that several threads write at once. The zip module sees every block as it is yielded, for its
+    CRC and sizes, and moves past it. Returns the item's length in bytes (its
+    ``_StorageInfo.length``).
     """
     start = file.tell()
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    with zipfile.ZipFile(_Region(file), "w", zipfile.ZIP_STORED) as archive:
+    region = _Region(file)
+    with zipfile.ZipFile(region, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/data.pkl"), tensor_pickle(dtype, shape))
         archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/byteorder"), b"little")
         record = zipfile.ZipInfo(f"{ARCHIVE}/data/0")
         record.file_size = nbytes  # lets the zip module choose zip64 up front for items over 4 GiB
         written = 0
         with archive.open(record, "w") as out:
-            for block in blocks:
-                written += out.write(memoryview(block).cast("B"))
+            file.flush()  # the headers reach the file before the elements are written beside them
+            region.skipping = True
+            try:
+                for block in blocks(file.tell()):
+                    written += out.write(memoryview(block).cast("B"))
+            finally:
+                region.skipping = False
         if written != nbytes:
             raise AssertionError(f"wrote {written} bytes of a {nbytes}-byte tensor")
         archive.writestr(zipfile.ZipInfo(f"{ARCHIVE}/version"), b"3\n")
