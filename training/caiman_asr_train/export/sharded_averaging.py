@@ -271,7 +271,13 @@ def average_sharded(
             the directory and key).
         UserError: no inputs, a repeated input, an output that exists or is an input, bad weights.
     """
-    from caiman_asr_train.export import sharded_dcp, sharded_zarr  # each pulls in its storage library
+    try:  # each pulls in its storage library, and both the compiled kernels
+        from caiman_asr_train.export import sharded_dcp, sharded_zarr
+    except ModuleNotFoundError as exc:
+        raise UserError(
+            f"averaging sharded checkpoints needs {exc.name}, which is not installed; "
+            "install the 'sharded' extra: pip install -e 'training[sharded]'"
+        ) from None
 
     if not paths:
         raise UserError("no checkpoints to average; give --ckpts or --checkpoint_dir")

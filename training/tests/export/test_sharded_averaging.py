@@ -724,3 +724,23 @@ def test_dcp_written_by_two_gloo_processes_with_sharded_tensors(tmp_path):
         dcp.load(loaded, storage_reader=dcp.FileSystemReader(out))
         expected = torch.arange(32, dtype=torch.float64).reshape(8, 4) * (weights[0] + 3 * weights[1]) / 4
         assert torch.equal(loaded["model.w"], expected.float())
+
+
+def test_a_missing_sharded_extra_is_named_with_its_install_command(tmp_path, monkeypatch):
+    import sys
+
+    dcp_checkpoint(tmp_path / "a", seed=1)
+    dcp_checkpoint(tmp_path / "b", seed=2)
+    for name in [m for m in sys.modules if m.startswith("numba")] + [
+        "caiman_asr_train.export.averaging_kernels",
+        "caiman_asr_train.export.sharded_dcp",
+        "caiman_asr_train.export.sharded_zarr",
+    ]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    package = sys.modules["caiman_asr_train.export"]
+    for name in ("averaging_kernels", "sharded_dcp", "sharded_zarr"):
+        monkeypatch.delattr(package, name, raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ModuleNotFoundError
+    with pytest.raises(UserError, match=r"needs numba.*pip install -e 'training\[sharded\]'"):
+        average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
