@@ -9,7 +9,9 @@ _caiman_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _caiman_has_package() {
     # True when "$1" imports caiman_asr_train from this checkout's training/ and
     # has every distribution that the extras "$2" (comma-separated, may be
-    # empty) of its pyproject.toml ask for.
+    # empty) of its pyproject.toml ask for. The extras are read from
+    # pyproject.toml itself (Python >= 3.11), so that a requirement added since
+    # the environment was installed is installed too.
     "$1" - "$_caiman_root/training" "${2:-}" <<'PYEOF' >/dev/null 2>&1
 import os, re, sys
 from importlib import metadata
@@ -18,7 +20,13 @@ want = os.path.realpath(sys.argv[1])
 got = os.path.realpath(os.path.dirname(os.path.dirname(caiman_asr_train.__file__)))
 if got != want:
     sys.exit(1)
-requires = metadata.requires("caiman_asr_train") or []
+try:
+    import tomllib
+    with open(os.path.join(want, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"].get("optional-dependencies", {})
+    requires = [f'{req}; extra == "{extra}"' for extra, reqs in extras.items() for req in reqs]
+except ModuleNotFoundError:  # Python 3.10: the extras as they were when the package was installed
+    requires = metadata.requires("caiman_asr_train") or []
 pending, seen = [e for e in sys.argv[2].split(",") if e], set()
 while pending:
     extra = pending.pop()
