@@ -15,7 +15,8 @@ averages the first N (N = 2 and 5) in a fresh Python process each time and print
                    (zarr: the largest chunk file; DCP: the largest stored tensor); target <= 4, the
                    same for every N. The RSS before the averaging is the interpreter's baseline,
                    taken after a warm-up average of two tiny checkpoints (libraries imported and
-                   initialised).
+                   initialised, numba's compiled kernels loaded from its cache or, the first time
+                   on a machine, compiled).
     time ratio   = averaging time / (N x the time to read one checkpoint); target <= 1.5. The
                    time to read one is the mean over the N inputs, each read on its own, with
                    the reader the averaging uses: every stored chunk's elements read with

@@ -6,7 +6,8 @@ float64) and needs, element by element, ``sum_i weight_i * input_i`` in
 float64, rounded once to the stored dtype. As a chain of numpy operations
 that is about 25 passes over memory a slice (widen, multiply, add for every
 input; a dozen bit operations to round); compiled by numba into one loop it
-is one pass, 4-6 times faster on one core, and the GIL is released while it
+is one pass, about 6 times faster on one core (0.16 s against 0.9-1.1 s for
+five base-size bfloat16 inputs), and the GIL is released while it
 runs, so that several threads average at once.
 
 ``WeightedSum.average`` does it all for a stack of slices (one row per
