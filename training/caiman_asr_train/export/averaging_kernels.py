@@ -38,7 +38,17 @@ from caiman_asr_train.export.sharded_averaging import storage_dtype
 __all__ = ["WeightedSum"]
 
 _BLOCK = 2048  # elements summed at a time: their float64 sums (16 KiB) stay in the L1 cache
-_jit = numba.njit(nogil=True, cache=True)
+
+
+def _compile(func):
+    """``numba.njit`` with numba's on-disk cache, or without it where no cache directory is writable
+    (a read-only install and home: numba refuses to cache there, and each process compiles)."""
+    try:
+        return numba.njit(nogil=True, cache=True)(func)
+    except RuntimeError:
+        return numba.njit(nogil=True)(func)
+
+
 _U = np.uint64
 
 # (stored mantissa bits, exponent bias) of the 16-bit formats rounded on the float64 bits
@@ -112,7 +122,7 @@ def _round_bits(total, out, mantissa, bias):
     return finite
 
 
-@_jit
+@_compile
 def _add(total, piece, weight, first, table):
     if first:
         for j in range(piece.size):
@@ -122,12 +132,12 @@ def _add(total, piece, weight, first, table):
             total[j] += weight * _widen(piece[j], table)
 
 
-@_jit
+@_compile
 def _round(total, out, mantissa, bias):
     return _round_block(total, out, mantissa, bias)
 
 
-@_jit
+@_compile
 def _average(stack, weights, table, out, mantissa, bias):
     inputs, n = stack.shape
     sums = np.empty(_BLOCK, np.float64)

@@ -744,3 +744,20 @@ def test_a_missing_sharded_extra_is_named_with_its_install_command(tmp_path, mon
     with pytest.raises(UserError, match=r"needs numba.*pip install -e 'training\[sharded\]'"):
         average_sharded([tmp_path / "a", tmp_path / "b"], tmp_path / "out", log=quiet)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_kernels_compile_without_a_writable_cache_directory():
+    """Where numba finds no cache directory (a read-only install and home) it refuses cache=True."""
+    code = (
+        "import numpy as np, torch\n"
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # numba finds no writable cache directory\n"
+        "from caiman_asr_train.export.averaging_kernels import WeightedSum\n"
+        "out = np.empty(3, np.float32)\n"
+        "stack = np.array([[1, 2, 3], [3, 4, 5]], np.float32)\n"
+        "assert WeightedSum(torch.float32).average(out, stack, np.array([0.5, 0.5]))\n"
+        "print(out.tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[2.0,", "3.0,", "4.0]"]
