@@ -27,15 +27,18 @@ this module (or in its user cache when that is read-only), so only the first
 use on a machine compiles (a few seconds per stored dtype).
 """
 
+import functools
+import threading
+
 import numba
 import numpy as np
 import torch
 from numba import types
 from numba.extending import overload
 
-from caiman_asr_train.export.sharded_averaging import storage_dtype
+from caiman_asr_train.export.sharded_averaging import STACK_BYTES, storage_dtype
 
-__all__ = ["WeightedSum"]
+__all__ = ["WeightedSum", "thread_stack"]
 
 _BLOCK = 2048  # elements summed at a time: their float64 sums (16 KiB) stay in the L1 cache
 
@@ -158,11 +161,7 @@ class WeightedSum:
         self.dtype = dtype
         self.storage = storage_dtype(dtype)
         self._format = _FORMATS.get(dtype, (0, 0))
-        self._table = (
-            np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
-            if dtype == torch.float16
-            else None
-        )
+        self._table = _float16_values() if dtype == torch.float16 else None
 
     def average(self, out: np.ndarray, stack: np.ndarray, weights: np.ndarray) -> bool:
         """``out[:] = round(sum_i weights[i] * stack[i])``; whether every sum is finite.
@@ -180,3 +179,28 @@ class WeightedSum:
     def round_into(self, out: np.ndarray, total: np.ndarray) -> bool:
         """``out[:] = round(total)`` in ``out``'s stored bits; whether ``total`` is finite."""
         return bool(_round(total, out, *self._format))
+
+
+@functools.lru_cache(maxsize=1)
+def _float16_values() -> np.ndarray:
+    """The float64 value of each of the 65536 float16 bit patterns (read-only, shared by every thread)."""
+    table = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    table.flags.writeable = False
+    return table
+
+
+_stacks = threading.local()
+
+
+def thread_stack(storage: np.dtype, inputs: int, n: int) -> np.ndarray:
+    """This thread's reused stack of ``storage`` elements, shaped (``inputs``, ``n``): a slice of
+    every input, read into its rows for ``WeightedSum.average``.
+
+    Its buffer holds ``STACK_BYTES``, more only when one slice is longer (a row of a tensor longer
+    than a slice), so memory is the same whatever the number of inputs.
+    """
+    buffers = _stacks.__dict__.setdefault("by_storage", {})
+    buffer = buffers.get(storage)
+    if buffer is None or buffer.size < inputs * n:
+        buffer = buffers[storage] = np.empty(max(inputs * n, STACK_BYTES // storage.itemsize), storage)
+    return buffer[: inputs * n].reshape(inputs, n)

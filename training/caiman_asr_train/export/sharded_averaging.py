@@ -185,7 +185,7 @@ def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:
 def stored_bits(tensor: Tensor) -> np.ndarray:
     """A flat numpy view of a contiguous tensor's stored bits (``storage_dtype``)."""
     flat = tensor.reshape(-1)
-    return (flat.view(torch.uint16) if tensor.dtype in (torch.bfloat16, torch.float16) else flat).numpy()
+    return (flat.view(torch.uint16) if storage_dtype(tensor.dtype) == np.uint16 else flat).numpy()
 
 
 def select_sharded(

@@ -8,8 +8,9 @@ classes, dtypes and plain containers load; any other class becomes an inert
 placeholder; nothing is called.
 
 Each stored chunk of a floating tensor is a ``torch.save`` archive whose raw
-elements ``sharded_distcp.locate`` finds (its ``data.pkl`` read by
-``torch.load(weights_only=True)`` on the meta device). The output keeps the
+elements ``sharded_distcp.locate`` finds (its ``data.pkl`` compared with what
+``torch.save`` writes for the tensor, or read by ``torch.load(weights_only=True)``
+on the meta device). The output keeps the
 most-weighted input's chunks; each is averaged a block of rows at a time: the
 block is read from every input with ``os.preadv`` (gathered from several
 stored chunks when an input was saved with another parallelism) into one
@@ -40,14 +41,12 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export.averaging_engine import non_finite_error
-from caiman_asr_train.export.averaging_kernels import WeightedSum
+from caiman_asr_train.export.averaging_kernels import WeightedSum, thread_stack
 from caiman_asr_train.export.sharded_averaging import (
     DCP_METADATA,
-    STACK_BYTES,
     is_optimizer_key,
     page_cache_hint,
     slice_elements,
-    storage_dtype,
     worker_threads,
 )
 from caiman_asr_train.export.sharded_distcp import (
@@ -390,9 +389,9 @@ def _averaged_blocks(
     the number of inputs. The inputs' stored chunks were announced to the kernel when they were
     located (``_Source.prefetch``), so that reading from disk overlaps the arithmetic.
     """
-    dtype = md.properties.dtype
+    sums = WeightedSum(md.properties.dtype)
     rows = sizes[0] if sizes else 1
-    per_block = max(1, slice_elements(len(sources), dtype.itemsize) // max(1, math.prod(md.size[1:])))
+    per_block = max(1, slice_elements(len(sources), sums.storage.itemsize) // max(1, math.prod(md.size[1:])))
     weights = np.array([source.weight for source in sources], np.float64)
     window: collections.deque = collections.deque()
     try:
@@ -402,7 +401,7 @@ def _averaged_blocks(
                 pool.submit(
                     _average_block,
                     key,
-                    dtype,
+                    sums,
                     offsets,
                     sizes,
                     rows_of_block,
@@ -423,12 +422,9 @@ def _averaged_blocks(
         concurrent.futures.wait(window)
 
 
-_scratch = threading.local()
-
-
 def _average_block(
     key: str,
-    dtype: torch.dtype,
+    sums: WeightedSum,
     offsets: tuple,
     sizes: tuple,
     rows: tuple[int, int],
@@ -443,29 +439,19 @@ def _average_block(
 
     Returns a new array of the rounded bits (for the archive's CRC).
     """
-    n = (rows[1] - rows[0]) * math.prod(sizes[1:])
-    sums, stack = _buffers(dtype, len(sources), n)
-    for source, row in zip(sources, stack):
-        source.read(files, key, offsets, sizes, *rows, row)
+    row = math.prod(sizes[1:])
+    n = (rows[1] - rows[0]) * row
+    stack = thread_stack(sums.storage, len(sources), n)
+    for source, values in zip(sources, stack):
+        source.read(files, key, offsets, sizes, *rows, values)
     rounded = np.empty(n, stack.dtype)
     if not sums.average(rounded, stack, weights):
         raise non_finite_error(
             _holding_non_finite(sources, files, key, offsets, sizes, rows, sums, stack), key
         )
-    where = at + rows[0] * (n // (rows[1] - rows[0])) * rounded.itemsize
-    if os.pwrite(out, rounded, where) != rounded.nbytes:
+    if os.pwrite(out, rounded, at + rows[0] * row * rounded.itemsize) != rounded.nbytes:
         raise OSError(f"short write of '{key}' to the averaged checkpoint")
     return rounded
-
-
-def _buffers(dtype: torch.dtype, inputs: int, n: int) -> tuple[WeightedSum, np.ndarray]:
-    """This thread's ``WeightedSum`` for ``dtype`` and its reused stack, shaped (``inputs``, ``n``)."""
-    per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
-    sums, stack = per_dtype.get(dtype) or (WeightedSum(dtype), np.empty(0, storage_dtype(dtype)))
-    if stack.size < inputs * n:  # at least STACK_BYTES; more only for a row longer than a slice
-        stack = np.empty(max(inputs * n, STACK_BYTES // stack.itemsize), stack.dtype)
-    per_dtype[dtype] = sums, stack
-    return sums, stack[: inputs * n].reshape(inputs, n)
 
 
 def _holding_non_finite(

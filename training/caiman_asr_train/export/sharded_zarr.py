@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,15 +30,13 @@ import torch
 
 from caiman_asr_train.core.errors import CheckpointError
 from caiman_asr_train.export.averaging_engine import non_finite_error
-from caiman_asr_train.export.averaging_kernels import WeightedSum
+from caiman_asr_train.export.averaging_kernels import WeightedSum, thread_stack
 from caiman_asr_train.export.sharded_averaging import (
     AVERAGING_JSON,
     METADATA_JSON,
-    STACK_BYTES,
     is_optimizer_key,
     page_cache_hint,
     slice_elements,
-    storage_dtype,
     stored_bits,
     worker_threads,
 )
@@ -186,9 +183,6 @@ def _run_all(tasks: list[Callable[[], None]]) -> None:
             raise
 
 
-_scratch = threading.local()
-
-
 def _average_chunk(
     used: list[tuple[Path, float]],
     key: str,
@@ -198,15 +192,10 @@ def _average_chunk(
     target: ts.TensorStore,
     output: Path,
 ) -> None:
-    """Average one chunk of every input into the output array, with this thread's reused buffers."""
-    dtype = _torch_dtype(meta["dtype"])
-    per_dtype = _scratch.__dict__.setdefault("by_dtype", {})
-    if dtype not in per_dtype:
-        storage = storage_dtype(dtype)
-        per_dtype[dtype] = WeightedSum(dtype), np.empty(STACK_BYTES // storage.itemsize, storage)
-    sums, stack = per_dtype[dtype]
+    """Average one chunk of every input into the output array."""
+    sums = WeightedSum(_torch_dtype(meta["dtype"]))
     if _is_raw(meta):
-        finite = _average_raw(used, key, name, meta, region, output, sums, stack)
+        finite = _average_raw(used, key, name, meta, region, output, sums)
     else:
         finite = _average_decoded(used, key, region, target, sums)
     if not finite:
@@ -234,21 +223,20 @@ def _average_raw(
     region: tuple[slice, ...],
     output: Path,
     sums: WeightedSum,
-    buffer: np.ndarray,
 ) -> bool:
     """One chunk, read from every input's chunk file and written to ``output`` one slice at a time.
 
     A raw chunk file is the chunk's bytes, so slices are read and written with ``preadv`` and
-    ``pwrite``: each step stacks one slice of every input (``slice_elements``) in ``buffer``, so
+    ``pwrite``: each step stacks one slice of every input (``slice_elements``) in this thread's stack, so
     that memory holds the same few slices whatever the size of the chunk and the number of inputs.
     False when the average is not finite inside the array (the caller finds the input at fault).
     """
     full = meta["chunks"] or []
     count = math.prod(full)
-    item = buffer.itemsize
+    item = sums.storage.itemsize
     step = slice_elements(len(used), item)
     weights = np.array([weight for _, weight in used], np.float64)
-    rounded = np.empty(min(step, count), buffer.dtype)
+    rounded = np.empty(min(step, count), sums.storage)
     fds = [os.open(path / key / name, os.O_RDONLY) for path, _ in used]
     for fd in fds:  # every input's chunk is read from disk at once, not a slice at a time
         page_cache_hint(fd, 0, 0, "WILLNEED")
@@ -262,7 +250,7 @@ def _average_raw(
                 )
         for start in range(0, count, step):
             n = min(step, count - start)
-            stack = buffer[: len(used) * n].reshape(len(used), n)
+            stack = thread_stack(sums.storage, len(used), n)
             for fd, row in zip(fds, stack):
                 if os.preadv(fd, [row], start * item) != n * item:
                     raise EOFError  # the size was checked: only a file truncated meanwhile gets here
