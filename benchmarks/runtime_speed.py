@@ -26,8 +26,9 @@ the whole-utterance mode on 2 cores), and the fraction of transcripts that
 equal PyTorch's. Run it with OpenMP's default wait policy: under
 ``OMP_WAIT_POLICY=PASSIVE`` PyTorch's two threads are about 40% slower (RTF
 0.0118 against 0.0081-0.0089 on the demo), which flatters ONNX Runtime (its
-own thread pool ignores the variable); the header says which policy ran. Without ``--bundle_dir`` the bundle is exported to a
-temporary directory first (not timed).
+own thread pool ignores the variable); the header says which policy ran.
+Without ``--bundle_dir`` the bundle is exported to a temporary directory
+first (not timed).
 """
 
 import argparse
