@@ -27,9 +27,14 @@ averages the first N (N = 2 and 5) in a fresh Python process each time and print
                    cold: the inputs are evicted from the page cache (``posix_fadvise(DONTNEED)`` on
                    every file; they were synced when written) before the read and before the averaging.
                    The averaging time includes writing the output and syncing it to disk (its
-                   atomicity needs that), which a read does not do: the last column divides it by N
-                   reads plus the time to copy one checkpoint and sync the copy, the least that
-                   reading N checkpoints and writing one durably takes on this disk.
+                   atomicity needs that), which a read does not do.
+    IO alone     = the IO every averaging does, without its arithmetic, from the same cache
+                   state: the N inputs read with the baseline's reader while another thread writes
+                   one checkpoint's bytes and syncs them (``io_alone``). "IO / N reads" is the time
+                   ratio an averaging would reach if its arithmetic cost nothing and its reads went
+                   as fast as the baseline's: above 1.5, the target is out of reach on this disk
+                   for an output that must be durable. "average / IO" is how far the averaging is
+                   from it.
 
 The machine may be shared: times vary with the load (printed beside each row, the 1-minute
 load average, and the averaging process's CPU seconds, user and system, all threads), ratios less so; ``--repeats`` runs each average several times. Every file is
@@ -37,6 +42,7 @@ written in a temporary directory (``--work_dir``) that is deleted at the end.
 """
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -56,6 +62,7 @@ from page_cache import evict
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"
 N_CLASSES = 8704
+WRITE_BLOCK = 4 << 20  # io_alone's writes
 MEGATRON_METADATA = {
     "sharded_backend": "zarr",
     "sharded_backend_version": 1,
@@ -208,20 +215,41 @@ def stored_chunks(path: Path, fmt: str) -> list[tuple[Path, int, int]]:
     return chunks
 
 
-def copy_one(path: Path, root: Path, evict_first: bool) -> float:
-    """Seconds to copy one checkpoint's files and sync the copy to disk (as the averaged output is synced)."""
-    if evict_first:
-        evict([path])
-    copy = root / "synced-copy"
-    start = time.perf_counter()
-    shutil.copytree(path, copy)
-    for directory, _, files in os.walk(copy):
-        for name in [*files, "."]:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+def io_alone(paths: list[Path], fmt: str, cache: str, root: Path) -> float:
+    """Seconds of the IO that averaging ``paths`` cannot avoid, without its arithmetic.
+
+    Every stored chunk of the inputs is read with the timed reader (``read_one``, one input after
+    the other) while a second thread writes as many bytes as one checkpoint stores to a new file
+    and syncs it, as the averaged output must be synced. Measured from the page-cache state
+    ``cache``, as the read and the averaging are. Where the disk serves reads and writes at the
+    same time this is about the longer of the two; where it does one after the other, their sum.
+    """
+    nbytes = sum(n for _, _, n in stored_chunks(paths[0], fmt))
+    payload = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)  # incompressible
+    if cache == "cold":
+        evict(paths)
+    else:
+        for path in paths:
+            read_one(path, fmt)
+    target = root / "io-alone"
+
+    def write() -> None:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for offset in range(0, nbytes, WRITE_BLOCK):
+                os.pwrite(fd, payload[offset : offset + WRITE_BLOCK], offset)
             os.fsync(fd)
+        finally:
             os.close(fd)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        written = pool.submit(write)
+        for path in paths:
+            read_one(path, fmt)
+        written.result()
     seconds = time.perf_counter() - start
-    shutil.rmtree(copy)
+    target.unlink()
     return seconds
 
 
@@ -301,13 +329,13 @@ def main() -> None:
             evict(paths)  # synced once here; eviction later only drops clean pages
             print(
                 f"  {'N':>2} {'cache':>5} {'read s':>6} {'average s':>9} {'time ratio':>10} {'RSS increase':>13} "
-                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5} {'cpu s':>5} {'copy s':>6} {'/ (N reads + copy)':>18}"
+                f"{'/ largest chunk':>15} {'baseline':>9} {'load':>5} {'cpu s':>5} {'IO s':>6} {'IO / N reads':>12} {'average / IO':>12}"
             )
             for cache in args.caches:
                 for n in args.counts:
                     for _ in range(args.repeats):
                         read = mean_read(paths[:n], fmt, cache)
-                        copy = copy_one(paths[0], root, evict_first=cache == "cold")
+                        io = io_alone(paths[:n], fmt, cache, root)
                         output = root / f"averaged-{n}"
                         if cache == "cold":
                             evict(paths[:n])
@@ -322,8 +350,8 @@ def main() -> None:
                         print(
                             f"  {n:>2} {cache:>5} {read:>6.3f} {r['seconds']:>9.3f} {r['seconds'] / (n * read):>10.2f} "
                             f"{r['increase_bytes'] / 1e6:>10.1f} MB {r['increase_bytes'] / largest:>15.2f} "
-                            f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f} {r['cpu_seconds']:>5.2f} {copy:>6.3f} "
-                            f"{r['seconds'] / (n * read + copy):>18.2f}"
+                            f"{r['baseline_bytes'] / 1e6:>6.0f} MB {os.getloadavg()[0]:>5.1f} {r['cpu_seconds']:>5.2f} {io:>6.3f} "
+                            f"{io / (n * read):>12.2f} {r['seconds'] / io:>12.2f}"
                             + ("" if r["hwm_reset"] else "  (VmHWM not resettable)"),
                             flush=True,
                         )
