@@ -32,9 +32,9 @@ averages the first N (N = 2 and 5) in a fresh Python process each time and print
                    state: the N inputs read with the baseline's reader while another thread writes
                    one checkpoint's bytes and syncs them (``io_alone``). "IO / N reads" is the time
                    ratio an averaging would reach if its arithmetic cost nothing and its reads went
-                   as fast as the baseline's: above 1.5, the target is out of reach on this disk
-                   for an output that must be durable. "average / IO" is how far the averaging is
-                   from it.
+                   as fast as the baseline's: above 1.5, an averaging meets the target only by
+                   reading faster than the baseline's reader does, while it writes and syncs its
+                   output. "average / IO" is how far the averaging is from it.
 
 The machine may be shared: times vary with the load (printed beside each row, the 1-minute
 load average, and the averaging process's CPU seconds, user and system, all threads), ratios less so; ``--repeats`` runs each average several times. Every file is
