@@ -35,6 +35,7 @@ from caiman_asr_train.export.sharded_averaging import (
     round_half_even,
     slice_elements,
     storage_dtype,
+    stored_bits,
 )
 from caiman_asr_train.export.sharded_dcp import DATA_FILE, read_metadata
 from caiman_asr_train.export.sharded_distcp import tensor_pickle
@@ -219,12 +220,7 @@ def test_the_kernels_round_like_the_reference(dtype):
     out = np.empty(SLICE, storage_dtype(dtype))
     assert WeightedSum(dtype).round_into(out, total)  # finite sums (beyond the range: infinity)
     expected = round_half_even(torch.from_numpy(total), dtype)
-    assert np.array_equal(
-        out.view(np.uint8),
-        expected.numpy().view(np.uint8)
-        if dtype != torch.bfloat16
-        else expected.view(torch.uint16).numpy().view(np.uint8),
-    )
+    assert np.array_equal(out.view(np.uint8), stored_bits(expected).view(np.uint8))
     total[SLICE // 2] = np.nan
     assert not WeightedSum(dtype).round_into(out, total)
 
@@ -234,26 +230,20 @@ def test_the_stacked_kernel_sums_inputs_in_order_in_float64_and_finds_non_finite
     rng = np.random.default_rng(1)
     values = torch.from_numpy(rng.standard_normal((5, 10_007)) * np.exp2(rng.integers(-12, 12, (5, 10_007))))
     stored = values.to(dtype)
-    stack = np.ascontiguousarray(
-        (stored.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else stored).numpy()
-    )
+    stack = stored_bits(stored).reshape(stored.shape)
     weights = np.array([0.1, 0.3, 0.05, 0.35, 0.2])
     out = np.empty(stack.shape[1], stack.dtype)
     assert WeightedSum(dtype).average(out, stack, weights)
     reference = torch.zeros(stack.shape[1], dtype=torch.float64)
     for row, weight in zip(stored, weights):
         reference += float(weight) * row.double()  # each product rounded, then added: numpy's order
-    expected = round_half_even(reference, dtype)
-    expected = expected.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else expected
-    assert np.array_equal(out, expected.numpy())
+    assert np.array_equal(out, stored_bits(round_half_even(reference, dtype)))
     total = np.empty(stack.shape[1])
     for i, (row, weight) in enumerate(zip(stack, weights)):
         WeightedSum(dtype).add(total, row, weight, i == 0)
     assert np.array_equal(total, reference.numpy())
     stored[3, 4321] = float("inf")
-    stack = np.ascontiguousarray(
-        (stored.view(torch.uint16) if dtype in (torch.bfloat16, torch.float16) else stored).numpy()
-    )
+    stack = stored_bits(stored).reshape(stored.shape)
     assert not WeightedSum(dtype).average(out, stack, weights)
 
 
@@ -727,8 +717,6 @@ def test_dcp_written_by_two_gloo_processes_with_sharded_tensors(tmp_path):
 
 
 def test_a_missing_sharded_extra_is_named_with_its_install_command(tmp_path, monkeypatch):
-    import sys
-
     dcp_checkpoint(tmp_path / "a", seed=1)
     dcp_checkpoint(tmp_path / "b", seed=2)
     for name in [m for m in sys.modules if m.startswith("numba")] + [
