@@ -43,6 +43,7 @@ written in a temporary directory (``--work_dir``) that is deleted at the end.
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -215,6 +216,12 @@ def stored_chunks(path: Path, fmt: str) -> list[tuple[Path, int, int]]:
     return chunks
 
 
+@functools.lru_cache(maxsize=1)
+def incompressible(nbytes: int) -> np.ndarray:
+    """``nbytes`` random bytes (made once per size: every row of a layout writes as many)."""
+    return np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+
+
 def io_alone(paths: list[Path], fmt: str, cache: str, root: Path) -> float:
     """Seconds of the IO that averaging ``paths`` cannot avoid, without its arithmetic.
 
@@ -225,7 +232,7 @@ def io_alone(paths: list[Path], fmt: str, cache: str, root: Path) -> float:
     same time this is about the longer of the two; where it does one after the other, their sum.
     """
     nbytes = sum(n for _, _, n in stored_chunks(paths[0], fmt))
-    payload = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)  # incompressible
+    payload = incompressible(nbytes)
     if cache == "cold":
         evict(paths)
     else:
