@@ -328,6 +328,10 @@ def main() -> None:
     if args.worker:
         worker(args.worker[0], args.worker[1:])
         return
+    if args.work_dir is not None and not Path(args.work_dir).is_dir():
+        parser.error(f"--work_dir {args.work_dir}: no such directory; create it or choose another")
+    if min(args.counts) < 1 or args.repeats < 1:
+        parser.error("--counts and --repeats take positive numbers")
     print(f"torch {torch.__version__}; the machine may be shared, so times vary with its load", flush=True)
     for fmt in args.formats:
         with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="sharded-averaging-bench-") as tmp:

@@ -8,10 +8,11 @@ uncompressed zip: ``archive/data.pkl`` (how to rebuild the tensor: dtype,
 shape, strides, storage offset), ``archive/byteorder`` and the storage's raw
 bytes in ``archive/data/0``.
 
-``locate`` reads the zip's directory, ``data.pkl`` and the local header of
-``data/0``. A ``data.pkl`` byte for byte what ``torch.save`` writes for a
-contiguous tensor of the shape and dtype ``.metadata`` gives (DCP's items are)
-says all it needs; any other is read with ``torch.load(weights_only=True,
+``locate`` reads the item's first page: its local headers, ``data.pkl`` and
+the local header of ``data/0``. A ``data.pkl`` byte for byte what ``torch.save``
+writes for a contiguous tensor of the shape and dtype ``.metadata`` gives (DCP's
+items are) says all it needs. Any other item is read through the zip's
+directory at its end, its ``data.pkl`` with ``torch.load(weights_only=True,
 map_location="meta")`` (nothing is unpickled outside torch's allow-list, and no
 element is read). The result says at which file offset the chunk's row-major
 elements start, so that averaging reads any rows of it with ``os.preadv`` into
@@ -48,8 +49,12 @@ _STORAGE_CLASS = {
     torch.bfloat16: torch.BFloat16Storage,
 }
 AVERAGED_DTYPES = frozenset(_STORAGE_CLASS)
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then the file name and extra field lengths
+# A zip local header: signature, version, flags, method, (time and date), CRC, sizes, name and extra lengths
+_LOCAL = struct.Struct("<4sHHH4xIIIHH")
 _LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+_HEAD_BYTES = 4096  # an item's first page: torch.save's small records and the local header of its elements
+_DESCRIPTOR = struct.Struct("<4sIII")  # a data descriptor: signature, CRC, compressed and uncompressed sizes
+_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
 ARCHIVE = "archive"
 
 
@@ -129,6 +134,16 @@ def locate(
     try:
         if os.fstat(fd).st_size < info.offset + info.length:
             raise CheckpointError(f"{where} is truncated; is the checkpoint complete?")
+        head = os.pread(fd, min(info.length, _HEAD_BYTES), info.offset)
+        start = _data_start(head, dtype, tuple(sizes))
+        if start is not None:
+            # A plain item: its head alone says where the elements start (no read of the zip's directory at
+            # the item's end, a second place on disk to wait for while the inputs are read)
+            if start + math.prod(sizes) * dtype.itemsize > info.length:
+                raise CheckpointError(
+                    f"{where}: its elements run past the item's end; re-save the checkpoint"
+                )
+            return StoredChunk(tuple(offsets), tuple(sizes), path, info.offset + start, dtype.itemsize)
         view = _FileView(fd, info.offset, info.length)
         try:
             with zipfile.ZipFile(view) as archive:
@@ -146,7 +161,7 @@ def locate(
                     layout = torch.load(view, weights_only=True, map_location="meta")
             data = records["data/0"]
             view.seek(data.header_offset)
-            signature, name_length, extra_length = _LOCAL_HEADER.unpack(view.read(_LOCAL_HEADER.size))
+            signature, *_, name_length, extra_length = _LOCAL.unpack(view.read(_LOCAL.size))
         except (
             RuntimeError,
             pickle.UnpicklingError,
@@ -179,12 +194,55 @@ def locate(
     data_offset = (
         info.offset
         + data.header_offset
-        + _LOCAL_HEADER.size
+        + _LOCAL.size
         + name_length
         + extra_length
         + layout.storage_offset() * itemsize
     )
     return StoredChunk(tuple(offsets), tuple(sizes), path, data_offset, itemsize)
+
+
+def _data_start(head: bytes, dtype: torch.dtype, sizes: tuple[int, ...]) -> int | None:
+    """Where ``data/0``'s bytes start in an item whose first bytes are ``head``, read from its local headers.
+
+    Only for an item as ``torch.save`` writes a contiguous tensor of this dtype and shape: uncompressed
+    records whose sizes are in the local header or in a data descriptor after the data (as torch writes
+    them), a ``data.pkl`` byte for byte ``tensor_pickle``'s, a ``byteorder`` (if any) of ``little``,
+    all before ``data/0``. ``None`` for anything else: ``locate`` then reads the zip's directory.
+    """
+    expected = _plain_pickle(dtype, sizes)
+    pos, plain = 0, False
+    while pos + _LOCAL.size <= len(head):
+        signature, _, flags, method, _, size, _, name_length, extra_length = _LOCAL.unpack_from(head, pos)
+        start = pos + _LOCAL.size + name_length + extra_length
+        if (
+            signature != _LOCAL_HEADER_SIGNATURE
+            or method != zipfile.ZIP_STORED
+            or flags & 1
+            or start > len(head)
+        ):
+            return None
+        member = head[pos + _LOCAL.size : pos + _LOCAL.size + name_length].split(b"/", 1)[-1]
+        if member == b"data/0":
+            return start if plain and expected else None
+        end = start + size
+        if flags & 8:  # the sizes follow the data: the first descriptor whose size matches ends the record
+            end = head.find(_DESCRIPTOR_SIGNATURE, start)
+            while end >= 0 and (
+                end + _DESCRIPTOR.size > len(head)
+                or _DESCRIPTOR.unpack_from(head, end)[2:] != (end - start,) * 2
+            ):
+                end = head.find(_DESCRIPTOR_SIGNATURE, end + 1)
+            if end < 0:
+                return None
+        if end > len(head):
+            return None
+        if member == b"data.pkl":
+            plain = head[start:end] == expected
+        elif member == b"byteorder" and head[start:end] != b"little":
+            return None
+        pos = end + (_DESCRIPTOR.size if flags & 8 else 0)
+    return None
 
 
 def read_rows(fd: int, chunk: StoredChunk, start: int, stop: int, out: np.ndarray, where: str) -> None:

@@ -38,7 +38,7 @@ from caiman_asr_train.export.sharded_averaging import (
     stored_bits,
 )
 from caiman_asr_train.export.sharded_dcp import DATA_FILE, read_metadata
-from caiman_asr_train.export.sharded_distcp import tensor_pickle
+from caiman_asr_train.export.sharded_distcp import _data_start, locate, read_rows, tensor_pickle, write_item
 from caiman_asr_train.utils.cli import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -536,6 +536,50 @@ def test_the_data_pickle_is_what_torch_save_writes():
             torch.save(torch.zeros(shape, dtype=dtype), saved)
             with zipfile.ZipFile(saved) as archive:
                 assert archive.read("archive/data.pkl") == tensor_pickle(dtype, shape)
+
+
+def test_locate_finds_the_elements_from_the_head_or_else_from_the_zip_directory(tmp_path):
+    """A plain item (torch.save's, or written by ``write_item``) is located from its first bytes; a view's
+    item (its storage holds more than the tensor) from the zip's directory and ``data.pkl``. Either way
+    the rows read from where it points are the tensor's; a damaged item is refused naming it."""
+    base = torch.arange(40, dtype=torch.float32).reshape(8, 5)
+    items = {"plain": base, "view": base[3:]}  # torch.save keeps the view's whole storage and its offset
+    blob = bytearray(b"x" * 100)  # items do not start at the file's beginning
+    infos = {}
+    for name, tensor in items.items():
+        saved = io.BytesIO()
+        torch.save(tensor, saved)
+        infos[name] = types.SimpleNamespace(relative_path="d.distcp", offset=len(blob), length=saved.tell())
+        blob += saved.getvalue()
+    rows = base.numpy()
+
+    def blocks(at: int) -> list[np.ndarray]:  # write_item's caller writes the elements where they go
+        os.pwrite(file.fileno(), rows.tobytes(), at)
+        return [rows]
+
+    with open(tmp_path / "d.distcp", "wb") as file:
+        file.write(blob)
+        start = file.tell()
+        infos["written"] = types.SimpleNamespace(
+            relative_path="d.distcp", offset=start, length=write_item(file, torch.float32, (8, 5), blocks)
+        )
+    items["written"] = base
+    blob = (tmp_path / "d.distcp").read_bytes()
+    for name, tensor in items.items():
+        info = infos[name]
+        head = bytes(blob[info.offset : info.offset + 4096])
+        assert (_data_start(head, torch.float32, tuple(tensor.shape)) is not None) == (name != "view")
+        chunk = locate(tmp_path, "w", info, (0, 0), tuple(tensor.shape), torch.float32)
+        out = np.empty(tensor.numel(), np.float32)
+        with open(tmp_path / "d.distcp", "rb") as f:
+            read_rows(f.fileno(), chunk, 1, tensor.shape[0], out, "w")
+        assert np.array_equal(out[: (tensor.shape[0] - 1) * 5], tensor[1:].numpy().ravel())
+    damaged = bytearray(blob)
+    at = blob.index(b"archive/data/0", infos["plain"].offset) - 30  # the elements' local header
+    damaged[at : at + 4] = b"PK\x00\x00"
+    (tmp_path / "d.distcp").write_bytes(damaged)
+    with pytest.raises(CheckpointError, match=r"'w' in d\.distcp: not a .*re-save the checkpoint"):
+        locate(tmp_path, "w", infos["plain"], (0, 0), (8, 5), torch.float32)
 
 
 def test_dcp_memory_is_a_few_blocks_not_a_tensor(tmp_path):
