@@ -15,8 +15,8 @@ Floating tensors are averaged in float64, a slice of one chunk of every input
 at a time (zarr) or a block of rows of one stored chunk of every input at a
 time (DCP), on a few threads, and cast back to their dtype with one
 round-to-nearest-even (compiled kernels, ``averaging_kernels``): memory holds
-about ``STACK_BYTES`` a thread, whatever the model's size and the number of
-inputs. Integer tensors, ``common.pt``, extra state and
+about ``STACK_BYTES`` a thread (DCP: ``sharded_dcp.READ_BYTES``), whatever the
+model's size and the number of inputs. Integer tensors, ``common.pt``, extra state and
 everything that is not a tensor come from the most-weighted input. Optimizer
 state (keys starting with ``optimizer``) no longer matches averaged weights: it
 is dropped unless ``keep_optimizer``, which copies the most-weighted input's.
@@ -145,9 +145,9 @@ def round_half_even(x: Tensor, dtype: torch.dtype) -> Tensor:
 STACK_BYTES = 1 << 20
 
 
-def slice_elements(inputs: int, itemsize: int) -> int:
-    """Elements of each input averaged at a time: ``inputs`` slices of ``itemsize``-byte elements fill ``STACK_BYTES``."""
-    return max(1, STACK_BYTES // (max(1, inputs) * itemsize))
+def slice_elements(inputs: int, itemsize: int, stack_bytes: int = STACK_BYTES) -> int:
+    """Elements of each input averaged at a time: ``inputs`` slices of ``itemsize``-byte elements fill ``stack_bytes``."""
+    return max(1, stack_bytes // (max(1, inputs) * itemsize))
 
 
 def storage_dtype(dtype: torch.dtype) -> np.dtype:
@@ -157,7 +157,7 @@ def storage_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
-# Threads that average chunks: one per core, at most MAX_THREADS, each with one stack of STACK_BYTES
+# Threads that average chunks: one per core, at most MAX_THREADS, each with one stack (STACK_BYTES; DCP: READ_BYTES)
 # and a few blocks of rounded output: memory stays flat (a few MB) on many-core machines, where the
 # disk rather than the arithmetic sets the pace. Two per core (so that one computes while another
 # waits for the disk) measured slower on the 2-core benchmark machine: the kernel's read-ahead,
