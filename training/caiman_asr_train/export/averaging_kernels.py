@@ -196,8 +196,9 @@ def thread_stack(storage: np.dtype, inputs: int, n: int) -> np.ndarray:
     """This thread's reused stack of ``storage`` elements, shaped (``inputs``, ``n``): a slice of
     every input, read into its rows for ``WeightedSum.average``.
 
-    Its buffer holds ``STACK_BYTES``, more only when one slice is longer (a row of a tensor longer
-    than a slice), so memory is the same whatever the number of inputs.
+    Its buffer holds ``STACK_BYTES``, more only when the caller's stack is larger (DCP's
+    ``READ_BYTES``) or one slice is longer (a row of a tensor longer than a slice), so memory is
+    the same whatever the number of inputs.
     """
     buffers = _stacks.__dict__.setdefault("by_storage", {})
     buffer = buffers.get(storage)
