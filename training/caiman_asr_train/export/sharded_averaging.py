@@ -158,8 +158,8 @@ def storage_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 # Threads that average chunks: one per core, at most MAX_THREADS, each with one stack (STACK_BYTES; DCP: READ_BYTES)
-# and a few blocks of rounded output: memory stays flat (a few MB) on many-core machines, where the
-# disk rather than the arithmetic sets the pace. Two per core (so that one computes while another
+# and a few blocks of rounded output: memory stays flat (a few MB; DCP about 20 MB) on many-core
+# machines, where the disk rather than the arithmetic sets the pace. Two per core (so that one computes while another
 # waits for the disk) measured slower on the 2-core benchmark machine: the kernel's read-ahead,
 # started by POSIX_FADV_WILLNEED, already keeps the disk busy, and four threads thrash two cores'
 # caches (5 zarr checkpoints from a cold cache, before the kernels were compiled: 1.10-1.35x N reads

@@ -489,7 +489,9 @@ def test_dcp_tensors_are_averaged_a_block_of_rows_at_a_time_and_round_like_the_r
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / f"d-step={seed}"))
         states.append(state)
     monkeypatch.setattr(sharded_dcp, "READ_BYTES", STACK_BYTES)  # blocks as small as zarr's slices
-    block = slice_elements(3, 2)  # elements of each of the three 16-bit inputs averaged at a time
+    block = slice_elements(
+        3, 2, sharded_dcp.READ_BYTES
+    )  # elements of each of the three 16-bit inputs at a time
     reads = []
     real = sharded_dcp.read_rows
     monkeypatch.setattr(
