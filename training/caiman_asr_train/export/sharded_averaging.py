@@ -69,6 +69,7 @@ __all__ = [
     "average_sharded",
     "default_output",
     "is_optimizer_key",
+    "not_cached",
     "page_cache_hint",
     "worker_threads",
     "round_half_even",
@@ -181,6 +182,30 @@ def page_cache_hint(fd: int, offset: int, length: int, advice: str) -> None:
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
+
+
+def not_cached(path: Path, offset: int = 0) -> bool:
+    """Whether the byte at ``offset`` of the file ``path`` is not in the page cache (reading it would wait
+    for the disk).
+
+    Asked with a one-byte read that may not wait (``RWF_NOWAIT``, Linux); False where that cannot tell
+    (another system, a file system without such reads, a file that cannot be opened).
+    """
+    if not hasattr(os, "RWF_NOWAIT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def stored_bits(tensor: Tensor) -> np.ndarray:

@@ -20,7 +20,9 @@ stack, summed in float64 and cast back with one round-to-nearest-even
 whatever its size and the number of inputs. Integer
 tensors and non-tensor entries (extra state) are copied byte for byte from the
 most-weighted input, without unpickling them. Everything goes into one data
-file, ``__0_0.distcp``; the output's ``.metadata`` is written last.
+file, ``__0_0.distcp``; the output's ``.metadata`` is written last. An input's
+items that were read from disk leave the page cache once averaged; an input
+that was cached stays cached.
 """
 
 import collections
@@ -45,6 +47,7 @@ from caiman_asr_train.export.averaging_kernels import WeightedSum, thread_stack
 from caiman_asr_train.export.sharded_averaging import (
     DCP_METADATA,
     is_optimizer_key,
+    not_cached,
     page_cache_hint,
     slice_elements,
     worker_threads,
@@ -171,6 +174,15 @@ def average(
                 f"{inputs[keeper]}: '{key}' is {ref.state_dict_metadata[key].properties.dtype}; averaging "
                 "reads bfloat16, float16, float32 and float64 tensors"
             )
+    # Each averaged item of a data file that is read from disk leaves the page cache once averaged: the
+    # next reads recycle its pages, and averaging does not push the rest of the cache out with N
+    # checkpoints that it will not read again. Inputs that were cached stay cached. Where a VM hands the
+    # memory that stays free back to its host (virtio-balloon free page reporting, as on the 2-core
+    # machine of the README), pages taken fresh from the free memory are faulted in again by the host
+    # as the disk fills them: 5 base-size checkpoints from a cold cache took 0.52 s instead of 0.75 s
+    # (medians of 10 paired runs, 9 faster); from a warm cache the same 0.24 s. Dropping zarr's chunk
+    # files once read was slower (1.04 s against 0.80 s, 0 of 8 faster), so zarr does not.
+    uncached = _read_from_disk(inputs, metas, used, set(to_average))
     following = dict(zip(to_average, to_average[1:]))
     with (
         open(build / DATA_FILE, "wb") as out,
@@ -218,6 +230,12 @@ def average(
                     storage_data[index] = dataclasses.replace(
                         info, relative_path=DATA_FILE, offset=start, length=length
                     )
+                for i in used:
+                    for _, info in stored[i].get(key, []):
+                        if inputs[i] / info.relative_path in uncached:
+                            page_cache_hint(
+                                files.fd(inputs[i] / info.relative_path), info.offset, info.length, "DONTNEED"
+                            )
                 averaged += 1
             else:
                 _copy_entry(inputs[keeper], stored[keeper].get(key, []), key, out, storage_data)
@@ -279,6 +297,19 @@ def _stored_by_key(meta: Metadata) -> dict[str, list[tuple[Any, Any]]]:
     for index, info in meta.storage_data.items():
         grouped.setdefault(index.fqn, []).append((index, info))
     return grouped
+
+
+def _read_from_disk(
+    inputs: list[Path], metas: list[Metadata], used: list[int], averaged: set[str]
+) -> set[Path]:
+    """The data files of the ``used`` inputs whose first item to average is not in the page cache."""
+    first: dict[Path, int] = {}
+    for i in used:
+        for index, info in metas[i].storage_data.items():
+            if index.fqn in averaged:
+                path = inputs[i] / info.relative_path
+                first[path] = min(first.get(path, info.offset), info.offset)
+    return {path for path, offset in first.items() if not_cached(path, offset)}
 
 
 def _stored_chunks(

@@ -604,6 +604,54 @@ def test_dcp_memory_is_a_few_blocks_not_a_tensor(tmp_path):
     )  # each thread's few blocks of rows, not one tensor (let alone its float64 sum)
 
 
+def _drop_from_page_cache(directory: Path) -> None:
+    for file in directory.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _page_resident(path: Path, offset: int) -> bool:
+    """Whether the page of ``path`` holding ``offset`` is in the page cache (a read that may not wait gets it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(4096)], offset & ~4095, os.RWF_NOWAIT) > 0
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "RWF_NOWAIT"), reason="page-cache residency is asked with RWF_NOWAIT (Linux)"
+)
+def test_dcp_chunks_read_from_disk_leave_the_page_cache_and_cached_inputs_stay(tmp_path):
+    inputs = [tmp_path / f"c-step={seed}" for seed in (1, 2)]
+    for seed, path in enumerate(inputs):
+        g = torch.Generator().manual_seed(seed)
+        big = torch.randn(2048, 2048, generator=g).to(torch.bfloat16)  # 8 MiB: whole large folios inside
+        dcp.save({"w": big}, storage_writer=dcp.FileSystemWriter(path))
+    middles = []
+    for path in inputs:
+        (index, info), *_ = read_metadata(path).storage_data.items()
+        chunk = locate(path, "w", info, (0, 0), (2048, 2048), torch.bfloat16)
+        middles.append((chunk.path, chunk.data_offset + 2048 * 2048))
+    cold, warm = middles
+    _drop_from_page_cache(inputs[0])
+    warm[0].read_bytes()
+    if _page_resident(inputs[0] / ".metadata", 0):
+        pytest.skip("this file system keeps its files in memory (tmpfs): nothing is read from disk")
+
+    average_sharded(inputs, tmp_path / "out", log=quiet)
+    assert not _page_resident(*cold)  # read from disk, averaged, dropped
+    assert _page_resident(*warm)  # was cached: left as it was
+    average_sharded(inputs, tmp_path / "again", log=quiet)  # the dropped pages are read again
+    assert not _page_resident(*cold)
+
+
 def test_non_finite_dcp_inputs_are_refused_naming_directory_and_key(tmp_path):
     dcp_checkpoint(tmp_path / "a", seed=1)
     state = dcp_checkpoint(tmp_path / "b", seed=2)
