@@ -44,7 +44,8 @@ from typing import Optional
 
 import torch
 from memory_probe import memory_cgroup
-from page_cache import evict
+
+from caiman_asr_train.utils.page_cache import evict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"

@@ -46,13 +46,13 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import yaml
-from page_cache import evict
 
 from caiman_asr_train.export.checkpointer import Checkpointer
 from caiman_asr_train.export.hardware_ckpt import create_hardware_ckpt, fpga_variant, save_hardware_ckpt
 from caiman_asr_train.rnnt import config
 from caiman_asr_train.rnnt.model import RNNT
 from caiman_asr_train.utils.atomic import atomic_write_bytes
+from caiman_asr_train.utils.page_cache import evict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "training/configs/base-8703sp.yaml"

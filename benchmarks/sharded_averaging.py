@@ -58,7 +58,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import torch
-from page_cache import evict
+
+from caiman_asr_train.utils.page_cache import evict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "training/configs/base-8703sp.yaml"

@@ -41,6 +41,7 @@ from caiman_asr_train.export.sharded_averaging import (
 from caiman_asr_train.export.sharded_dcp import DATA_FILE, read_metadata
 from caiman_asr_train.export.sharded_distcp import _data_start, locate, read_rows, tensor_pickle, write_item
 from caiman_asr_train.utils.cli import run_cli
+from caiman_asr_train.utils.page_cache import evict
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -604,16 +605,6 @@ def test_dcp_memory_is_a_few_blocks_not_a_tensor(tmp_path):
     )  # each thread's few blocks of rows, not one tensor (let alone its float64 sum)
 
 
-def _drop_from_page_cache(directory: Path) -> None:
-    for file in directory.iterdir():
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _page_resident(path: Path, offset: int) -> bool:
     """Whether the page of ``path`` holding ``offset`` is in the page cache (a read that may not wait gets it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -640,7 +631,7 @@ def test_dcp_chunks_read_from_disk_leave_the_page_cache_and_cached_inputs_stay(t
         chunk = locate(path, "w", info, (0, 0), (2048, 2048), torch.bfloat16)
         middles.append((chunk.path, chunk.data_offset + 2048 * 2048))
     cold, warm = middles
-    _drop_from_page_cache(inputs[0])
+    evict([inputs[0]])
     warm[0].read_bytes()
     if _page_resident(inputs[0] / ".metadata", 0):
         pytest.skip("this file system keeps its files in memory (tmpfs): nothing is read from disk")

@@ -1,4 +1,4 @@
-"""Cold-cache runs for the benchmarks: drop files from the page cache (Linux)."""
+"""Drop files from the page cache (Linux): cold-cache runs of the benchmarks and tests."""
 
 import os
 from pathlib import Path
