@@ -182,7 +182,7 @@ def average(
     # as the disk fills them: 5 base-size checkpoints from a cold cache took 0.52 s instead of 0.75 s
     # (medians of 10 paired runs, 9 faster); from a warm cache the same 0.24 s. Dropping zarr's chunk
     # files once read was slower (1.04 s against 0.80 s, 0 of 8 faster), so zarr does not.
-    uncached = _read_from_disk(inputs, metas, used, set(to_average))
+    uncached = _read_from_disk(inputs, stored, used, to_average)
     following = dict(zip(to_average, to_average[1:]))
     with (
         open(build / DATA_FILE, "wb") as out,
@@ -232,10 +232,9 @@ def average(
                     )
                 for i in used:
                     for _, info in stored[i].get(key, []):
-                        if inputs[i] / info.relative_path in uncached:
-                            page_cache_hint(
-                                files.fd(inputs[i] / info.relative_path), info.offset, info.length, "DONTNEED"
-                            )
+                        path = inputs[i] / info.relative_path
+                        if path in uncached:
+                            page_cache_hint(files.fd(path), info.offset, info.length, "DONTNEED")
                 averaged += 1
             else:
                 _copy_entry(inputs[keeper], stored[keeper].get(key, []), key, out, storage_data)
@@ -300,13 +299,13 @@ def _stored_by_key(meta: Metadata) -> dict[str, list[tuple[Any, Any]]]:
 
 
 def _read_from_disk(
-    inputs: list[Path], metas: list[Metadata], used: list[int], averaged: set[str]
+    inputs: list[Path], stored: list[dict[str, list[tuple[Any, Any]]]], used: list[int], averaged: list[str]
 ) -> set[Path]:
     """The data files of the ``used`` inputs whose first item to average is not in the page cache."""
     first: dict[Path, int] = {}
     for i in used:
-        for index, info in metas[i].storage_data.items():
-            if index.fqn in averaged:
+        for key in averaged:
+            for _, info in stored[i].get(key, []):
                 path = inputs[i] / info.relative_path
                 first[path] = min(first.get(path, info.offset), info.offset)
     return {path for path, offset in first.items() if not_cached(path, offset)}

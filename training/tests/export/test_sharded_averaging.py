@@ -33,6 +33,7 @@ from caiman_asr_train.export.averaging_kernels import WeightedSum
 from caiman_asr_train.export.sharded_averaging import (
     STACK_BYTES,
     average_sharded,
+    not_cached,
     round_half_even,
     slice_elements,
     storage_dtype,
@@ -490,9 +491,8 @@ def test_dcp_tensors_are_averaged_a_block_of_rows_at_a_time_and_round_like_the_r
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / f"d-step={seed}"))
         states.append(state)
     monkeypatch.setattr(sharded_dcp, "READ_BYTES", STACK_BYTES)  # blocks as small as zarr's slices
-    block = slice_elements(
-        3, 2, sharded_dcp.READ_BYTES
-    )  # elements of each of the three 16-bit inputs at a time
+    # elements of each of the three 16-bit inputs at a time
+    block = slice_elements(3, 2, sharded_dcp.READ_BYTES)
     reads = []
     real = sharded_dcp.read_rows
     monkeypatch.setattr(
@@ -605,17 +605,6 @@ def test_dcp_memory_is_a_few_blocks_not_a_tensor(tmp_path):
     )  # each thread's few blocks of rows, not one tensor (let alone its float64 sum)
 
 
-def _page_resident(path: Path, offset: int) -> bool:
-    """Whether the page of ``path`` holding ``offset`` is in the page cache (a read that may not wait gets it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.preadv(fd, [bytearray(4096)], offset & ~4095, os.RWF_NOWAIT) > 0
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.skipif(
     not hasattr(os, "RWF_NOWAIT"), reason="page-cache residency is asked with RWF_NOWAIT (Linux)"
 )
@@ -633,18 +622,17 @@ def test_dcp_chunks_read_from_disk_leave_the_page_cache_and_cached_inputs_stay(t
     cold, warm = middles
     evict([inputs[0]])
     warm[0].read_bytes()
-    try:
-        in_memory = _page_resident(inputs[0] / ".metadata", 0)
-    except OSError as exc:  # BlockingIOError is caught inside: this is a file system without such reads
-        pytest.skip(f"this file system does not take reads that may not wait (RWF_NOWAIT: {exc})")
-    if in_memory:
-        pytest.skip("this file system keeps its files in memory (tmpfs): nothing is read from disk")
+    if not not_cached(inputs[0] / ".metadata"):
+        pytest.skip(
+            "this file system keeps its files in memory (tmpfs) or takes no reads that may not wait "
+            "(RWF_NOWAIT): nothing is seen read from disk"
+        )
 
     average_sharded(inputs, tmp_path / "out", log=quiet)
-    assert not _page_resident(*cold)  # read from disk, averaged, dropped
-    assert _page_resident(*warm)  # was cached: left as it was
+    assert not_cached(*cold)  # read from disk, averaged, dropped
+    assert not not_cached(*warm)  # was cached: left as it was
     average_sharded(inputs, tmp_path / "again", log=quiet)  # the dropped pages are read again
-    assert not _page_resident(*cold)
+    assert not_cached(*cold)
 
 
 def test_non_finite_dcp_inputs_are_refused_naming_directory_and_key(tmp_path):
